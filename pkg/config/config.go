@@ -1,0 +1,224 @@
+// Package config loads and validates node-mirror's TOML configuration.
+package config
+
+import (
+	"errors"
+	"fmt"
+	"net/url"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/pelletier/go-toml/v2"
+)
+
+// DefaultRegistries are mirrored when neither the config file nor flags name any.
+var DefaultRegistries = []string{
+	"docker.io", "ghcr.io", "quay.io", "registry.k8s.io", "gcr.io", "mcr.microsoft.com", "public.ecr.aws",
+}
+
+// Config is the whole daemon configuration.
+type Config struct {
+	Listen  string `toml:"listen"`
+	DataDir string `toml:"data_dir"`
+	// DefaultRegistry serves requests that name no registry (Docker's classic registry-mirrors).
+	DefaultRegistry string     `toml:"default_registry"`
+	Cache           Cache      `toml:"cache"`
+	Registries      []Registry `toml:"registry"`
+}
+
+// Cache is the cache policy.
+type Cache struct {
+	// TagFreshness is how long a tag's cached digest is served without asking upstream.
+	// Zero revalidates every tag request with a HEAD.
+	TagFreshness Duration `toml:"tag_freshness"`
+	// ListTTL bounds how long tag lists and referrers answers are reused.
+	ListTTL Duration `toml:"list_ttl"`
+	// MaxManifestSize refuses larger manifests; 4 MiB is what registries accept.
+	MaxManifestSize int64 `toml:"max_manifest_size"`
+}
+
+// Registry is one upstream registry as clients name it, and where to reach it.
+type Registry struct {
+	Name string `toml:"name"`
+	// Endpoints are tried in order, so a corporate mirror can sit in front of the real registry.
+	Endpoints []string `toml:"endpoints"`
+	Username  string   `toml:"username"`
+	Password  string   `toml:"password"`
+	// PasswordFile keeps secrets out of the config file itself.
+	PasswordFile string `toml:"password_file"`
+}
+
+// Duration is a time.Duration written as "30s" in TOML.
+type Duration struct{ time.Duration }
+
+// UnmarshalText parses Go duration syntax.
+func (d *Duration) UnmarshalText(b []byte) error {
+	v, err := time.ParseDuration(string(b))
+	if err != nil {
+		return err
+	}
+	d.Duration = v
+	return nil
+}
+
+// MarshalText writes Go duration syntax.
+func (d Duration) MarshalText() ([]byte, error) { return []byte(d.String()), nil }
+
+// Default returns the configuration `make run` uses.
+func Default() Config {
+	c := Config{
+		Listen:          "127.0.0.1:5000",
+		DataDir:         "/var/lib/node-mirror",
+		DefaultRegistry: "docker.io",
+		Cache: Cache{
+			TagFreshness:    Duration{10 * time.Second},
+			ListTTL:         Duration{30 * time.Second},
+			MaxManifestSize: 4 << 20,
+		},
+	}
+	for _, name := range DefaultRegistries {
+		c.Registries = append(c.Registries, Registry{Name: name})
+	}
+	return c
+}
+
+// Load reads a TOML file over the defaults. Unknown keys are errors, so typos do not
+// silently fall back to defaults.
+func Load(path string) (Config, error) {
+	c := Default()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return c, fmt.Errorf("reading config: %w", err)
+	}
+	dec := toml.NewDecoder(strings.NewReader(string(b))).DisallowUnknownFields()
+	var file Config
+	if err := dec.Decode(&file); err != nil {
+		var de *toml.DecodeError
+		if errors.As(err, &de) {
+			row, col := de.Position()
+			return c, fmt.Errorf("%s:%d:%d: %s", path, row, col, de.Error())
+		}
+		var sme *toml.StrictMissingError
+		if errors.As(err, &sme) {
+			return c, fmt.Errorf("%s: %s", path, sme.String())
+		}
+		return c, fmt.Errorf("%s: %w", path, err)
+	}
+	merge(&c, file)
+	return c, nil
+}
+
+// merge overlays the values set in f onto c.
+func merge(c *Config, f Config) {
+	if f.Listen != "" {
+		c.Listen = f.Listen
+	}
+	if f.DataDir != "" {
+		c.DataDir = f.DataDir
+	}
+	if f.DefaultRegistry != "" {
+		c.DefaultRegistry = f.DefaultRegistry
+	}
+	if f.Cache.TagFreshness.Duration != 0 {
+		c.Cache.TagFreshness = f.Cache.TagFreshness
+	}
+	if f.Cache.ListTTL.Duration != 0 {
+		c.Cache.ListTTL = f.Cache.ListTTL
+	}
+	if f.Cache.MaxManifestSize != 0 {
+		c.Cache.MaxManifestSize = f.Cache.MaxManifestSize
+	}
+	if len(f.Registries) > 0 {
+		c.Registries = f.Registries
+	}
+}
+
+// SetUpstreams replaces the registry list with NAME=URL pairs from the command line.
+// Several pairs with one NAME give that registry several endpoints, in order.
+func (c *Config) SetUpstreams(pairs []string) error {
+	var regs []Registry
+	idx := map[string]int{}
+	for _, p := range pairs {
+		name, u, ok := strings.Cut(p, "=")
+		if !ok || name == "" || u == "" {
+			return fmt.Errorf("--upstream %q: want NAME=URL, e.g. docker.io=https://registry-1.docker.io", p)
+		}
+		i, seen := idx[name]
+		if !seen {
+			i = len(regs)
+			idx[name] = i
+			regs = append(regs, Registry{Name: name})
+		}
+		regs[i].Endpoints = append(regs[i].Endpoints, u)
+	}
+	c.Registries = regs
+	return nil
+}
+
+// Validate checks the configuration and fills in endpoints for well-known registries.
+func (c *Config) Validate() error {
+	if c.Listen == "" {
+		return errors.New("listen address is empty")
+	}
+	if c.DataDir == "" {
+		return errors.New("data dir is empty")
+	}
+	if len(c.Registries) == 0 {
+		return errors.New("no registries configured")
+	}
+	if c.Cache.MaxManifestSize <= 0 {
+		return errors.New("cache.max_manifest_size must be positive")
+	}
+	seen := map[string]bool{}
+	for i := range c.Registries {
+		r := &c.Registries[i]
+		if err := validRegistryName(r.Name); err != nil {
+			return err
+		}
+		if seen[r.Name] {
+			return fmt.Errorf("registry %q configured twice", r.Name)
+		}
+		seen[r.Name] = true
+		if len(r.Endpoints) == 0 {
+			r.Endpoints = []string{DefaultEndpoint(r.Name)}
+		}
+		for _, e := range r.Endpoints {
+			u, err := url.Parse(e)
+			if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+				return fmt.Errorf("registry %q: endpoint %q is not an http(s) URL", r.Name, e)
+			}
+		}
+		if r.PasswordFile != "" {
+			b, err := os.ReadFile(r.PasswordFile)
+			if err != nil {
+				return fmt.Errorf("registry %q: %w", r.Name, err)
+			}
+			r.Password = strings.TrimSpace(string(b))
+		}
+	}
+	if c.DefaultRegistry != "" && !seen[c.DefaultRegistry] {
+		// Requests without a registry can only go to a configured one; fall back to none.
+		c.DefaultRegistry = ""
+	}
+	return nil
+}
+
+// DefaultEndpoint is where a registry's API lives when the config names none.
+func DefaultEndpoint(name string) string {
+	if name == "docker.io" {
+		return "https://registry-1.docker.io"
+	}
+	return "https://" + name
+}
+
+func validRegistryName(name string) error {
+	if name == "" {
+		return errors.New("registry with empty name")
+	}
+	u, err := url.Parse("https://" + name)
+	if err != nil || u.Host != name || strings.ContainsAny(name, "/?#@") {
+		return fmt.Errorf("registry name %q is not a host[:port]", name)
+	}
+	return nil
+}

@@ -1,0 +1,359 @@
+package mirror
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/containerd/errdefs"
+	"github.com/opencontainers/go-digest"
+
+	"github.com/node-mirror/node-mirror/pkg/contentstore"
+	"github.com/node-mirror/node-mirror/pkg/upstream"
+)
+
+const blobContentType = "application/octet-stream"
+
+func (m *Mirror) serveBlob(w http.ResponseWriter, r *http.Request, rt route) {
+	if m.serveStoredBlob(w, r, rt) {
+		return
+	}
+	if r.Method == http.MethodHead {
+		m.headBlob(w, r, rt)
+		return
+	}
+	d := m.joinDownload(rt)
+	if d == nil { // committed between our look and the join
+		if !m.serveStoredBlob(w, r, rt) {
+			m.fail(w, r, rt, contentstore.ErrNotFound)
+		}
+		return
+	}
+	defer d.release()
+	select {
+	case <-d.ready:
+	case <-r.Context().Done():
+		return
+	}
+	if d.startErr != nil {
+		m.fail(w, r, rt, d.startErr)
+		return
+	}
+	if d.size < 0 {
+		// Without a length there is no honest Content-Length to promise while streaming;
+		// wait for the verified blob instead.
+		if err := d.wait(r.Context()); err != nil {
+			m.fail(w, r, rt, err)
+			return
+		}
+		if !m.serveStoredBlob(w, r, rt) {
+			m.fail(w, r, rt, contentstore.ErrNotFound)
+		}
+		return
+	}
+	fr := &followReader{d: d, ctx: r.Context(), flush: func() { http.NewResponseController(w).Flush() }}
+	setContentHeaders(w, blobContentType, rt.digest.String(), d.size)
+	http.ServeContent(w, r, "", time.Time{}, fr)
+	if fr.failed {
+		// The bytes so far may be wrong. Abort the connection so the client sees a short
+		// body rather than a clean end.
+		panic(http.ErrAbortHandler)
+	}
+}
+
+// serveStoredBlob answers from the store when the blob is there. ServeContent of an
+// *os.File handles Range and HEAD and lets the kernel send the bytes (sendfile).
+func (m *Mirror) serveStoredBlob(w http.ResponseWriter, r *http.Request, rt route) bool {
+	f, size, err := m.store.OpenBlob(rt.digest)
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	m.store.Touch(rt.digest)
+	setContentHeaders(w, blobContentType, rt.digest.String(), size)
+	http.ServeContent(w, r, "", time.Time{}, f)
+	return true
+}
+
+// headBlob answers HEAD for a blob we do not hold from the download in flight or from
+// upstream's HEAD, without fetching the body.
+func (m *Mirror) headBlob(w http.ResponseWriter, r *http.Request, rt route) {
+	m.mu.Lock()
+	d := m.downloads[rt.digest.String()]
+	m.mu.Unlock()
+	if d != nil {
+		select {
+		case <-d.ready:
+			if d.startErr == nil && d.size >= 0 {
+				setContentHeaders(w, blobContentType, rt.digest.String(), d.size)
+				w.WriteHeader(http.StatusOK)
+				return
+			}
+		default:
+		}
+	}
+	resp, err := m.opts.Registries[rt.registry].Do(r.Context(), upstream.Request{
+		Method: http.MethodHead, Repo: rt.repo, Path: "blobs/" + rt.digest.String(),
+	})
+	if err != nil {
+		m.fail(w, r, rt, err)
+		return
+	}
+	resp.Body.Close()
+	if resp.ContentLength < 0 {
+		// No length to report; a client that needs one asks with GET.
+		w.Header().Set("Docker-Content-Digest", rt.digest.String())
+		w.Header().Set("Content-Type", blobContentType)
+		w.WriteHeader(http.StatusOK)
+		return
+	}
+	setContentHeaders(w, blobContentType, rt.digest.String(), resp.ContentLength)
+	w.WriteHeader(http.StatusOK)
+}
+
+// download is the one upstream fetch of a blob. Every client asking for the blob while it
+// runs reads the ingest file as it grows, so the upstream is asked once, however many
+// clients there are, and the fetch continues when the client that started it leaves.
+type download struct {
+	dgst  digest.Digest
+	ready chan struct{} // closed when size and ingest are known, or startErr is set
+
+	// Set before ready is closed, read-only after.
+	size     int64
+	startErr error
+	ingest   *contentstore.Ingest
+
+	mu      sync.Mutex
+	written int64
+	done    bool
+	err     error         // why the download failed; nil with done means committed
+	changed chan struct{} // closed and replaced on every change, to wake readers
+	refs    int           // the downloader and each reader; the ingest closes at zero
+}
+
+// joinDownload returns the download of rt.digest, starting it if none runs, with a
+// reference the caller must release. It returns nil if the blob is already committed.
+func (m *Mirror) joinDownload(rt route) *download {
+	key := rt.digest.String()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if d := m.downloads[key]; d != nil {
+		d.mu.Lock()
+		d.refs++
+		d.mu.Unlock()
+		return d
+	}
+	// A download that finished after the caller's store lookup has left the map.
+	if _, err := m.store.Size(rt.digest); err == nil {
+		return nil
+	}
+	d := &download{dgst: rt.digest, ready: make(chan struct{}), size: -1, changed: make(chan struct{}), refs: 2}
+	m.downloads[key] = d
+	m.wg.Add(1)
+	go m.runDownload(d, rt)
+	return d
+}
+
+func (m *Mirror) runDownload(d *download, rt route) {
+	defer m.wg.Done()
+	err := m.fetchBlob(d, rt)
+	if err != nil {
+		m.log.Warn("blob download failed", "registry", rt.registry, "repo", rt.repo, "digest", d.dgst, "err", err)
+	}
+	// Leave the map first: from here on new clients find the blob in the store.
+	m.mu.Lock()
+	delete(m.downloads, d.dgst.String())
+	m.mu.Unlock()
+	d.finish(err)
+	d.release()
+}
+
+func (m *Mirror) fetchBlob(d *download, rt route) error {
+	ctx := m.ctx
+	started := false
+	start := func(err error) error {
+		if !started {
+			started = true
+			d.startErr = err
+			close(d.ready)
+		}
+		return err
+	}
+	resp, err := m.opts.Registries[rt.registry].Do(ctx, upstream.Request{
+		Method: http.MethodGet, Repo: rt.repo, Path: "blobs/" + d.dgst.String(),
+	})
+	if err != nil {
+		return start(err)
+	}
+	defer resp.Body.Close()
+	size := resp.ContentLength
+	in, err := m.newIngest(ctx, d.dgst, size)
+	if err != nil {
+		return start(err)
+	}
+	d.size = size
+	d.ingest = in
+	start(nil)
+
+	buf := make([]byte, 256<<10)
+	var written int64
+	for {
+		n, rerr := resp.Body.Read(buf)
+		if n > 0 {
+			if _, werr := in.Write(buf[:n]); werr != nil {
+				in.Abort()
+				return fmt.Errorf("writing ingest: %w", werr)
+			}
+			written += int64(n)
+			d.progress(written)
+		}
+		if rerr == io.EOF {
+			break
+		}
+		if rerr != nil {
+			in.Abort()
+			return fmt.Errorf("reading blob from %s after %d bytes: %w", rt.registry, written, rerr)
+		}
+	}
+	if size >= 0 && written != size {
+		in.Abort()
+		return fmt.Errorf("blob %s: upstream sent %d of %d bytes: %w", d.dgst, written, size, errContentMismatch)
+	}
+	if err := in.Commit(ctx, written); err != nil {
+		if errdefs.IsFailedPrecondition(err) {
+			err = fmt.Errorf("%w: %w", errContentMismatch, err)
+		}
+		return err
+	}
+	return m.store.RecordBlob(d.dgst, "", written, rt.registry+"/"+rt.repo)
+}
+
+// newIngest opens the ingest for a fresh download. An ingest left by a crash holds bytes
+// we cannot vouch for a range request against, so it is discarded and started over.
+func (m *Mirror) newIngest(ctx context.Context, dgst digest.Digest, size int64) (*contentstore.Ingest, error) {
+	in, err := m.store.NewIngest(ctx, dgst, size)
+	if err != nil {
+		return nil, err
+	}
+	if in.Offset == 0 {
+		return in, nil
+	}
+	in.Abort()
+	in.Close()
+	return m.store.NewIngest(ctx, dgst, size)
+}
+
+func (d *download) progress(written int64) {
+	d.mu.Lock()
+	d.written = written
+	close(d.changed)
+	d.changed = make(chan struct{})
+	d.mu.Unlock()
+}
+
+func (d *download) finish(err error) {
+	d.mu.Lock()
+	d.done = true
+	d.err = err
+	close(d.changed)
+	d.changed = make(chan struct{})
+	d.mu.Unlock()
+}
+
+func (d *download) release() {
+	d.mu.Lock()
+	d.refs--
+	last := d.refs == 0
+	d.mu.Unlock()
+	if last && d.ingest != nil {
+		d.ingest.Close()
+	}
+}
+
+// wait blocks until the download is over and returns why it failed, if it did.
+func (d *download) wait(ctx context.Context) error {
+	for {
+		d.mu.Lock()
+		done, err, ch := d.done, d.err, d.changed
+		d.mu.Unlock()
+		if done {
+			return err
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// followReader is an io.ReadSeeker over a download in progress, so http.ServeContent can
+// answer Range and HEAD on it. It never hands out the last byte before the digest has
+// been verified: a client can only see a complete response of verified bytes.
+type followReader struct {
+	d      *download
+	ctx    context.Context
+	flush  func()
+	pos    int64
+	failed bool
+}
+
+func (f *followReader) Read(p []byte) (int, error) {
+	d := f.d
+	if f.pos >= d.size {
+		return 0, io.EOF
+	}
+	for {
+		d.mu.Lock()
+		written, done, err, ch := d.written, d.done, d.err, d.changed
+		d.mu.Unlock()
+		if done && err != nil {
+			f.failed = true
+			return 0, fmt.Errorf("blob %s: %w", d.dgst, err)
+		}
+		limit := written
+		if !done {
+			limit = min(written, d.size-1) // hold back the final byte until verified
+		}
+		if f.pos < limit {
+			n := int64(len(p))
+			if n > limit-f.pos {
+				n = limit - f.pos
+			}
+			got, rerr := d.ingest.ReaderAt().ReadAt(p[:n], f.pos)
+			f.pos += int64(got)
+			if got > 0 {
+				return got, nil
+			}
+			if rerr != nil {
+				f.failed = true
+				return 0, rerr
+			}
+		}
+		f.flush() // let the client have what it has before we sleep
+		select {
+		case <-ch:
+		case <-f.ctx.Done():
+			return 0, f.ctx.Err()
+		}
+	}
+}
+
+func (f *followReader) Seek(offset int64, whence int) (int64, error) {
+	switch whence {
+	case io.SeekStart:
+	case io.SeekCurrent:
+		offset += f.pos
+	case io.SeekEnd:
+		offset += f.d.size
+	}
+	if offset < 0 {
+		return 0, errors.New("seek before start")
+	}
+	f.pos = offset
+	return offset, nil
+}

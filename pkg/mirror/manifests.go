@@ -1,0 +1,266 @@
+package mirror
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"mime"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/node-mirror/node-mirror/pkg/contentstore"
+	"github.com/node-mirror/node-mirror/pkg/upstream"
+)
+
+// manifestAccept asks upstream for every current manifest type, so the cached answer
+// does not depend on which client happened to ask first.
+var manifestAccept = strings.Join([]string{
+	ocispec.MediaTypeImageIndex,
+	ocispec.MediaTypeImageManifest,
+	"application/vnd.docker.distribution.manifest.list.v2+json",
+	"application/vnd.docker.distribution.manifest.v2+json",
+}, ", ")
+
+type manifest struct {
+	body      []byte
+	mediaType string
+	digest    digest.Digest
+}
+
+func (m *Mirror) serveManifest(w http.ResponseWriter, r *http.Request, rt route) {
+	var (
+		mf  *manifest
+		err error
+	)
+	if rt.digest != "" {
+		mf, err = m.manifestByDigest(r.Context(), rt, rt.digest)
+	} else {
+		mf, err = m.manifestByTag(r.Context(), rt)
+	}
+	if err != nil {
+		m.fail(w, r, rt, err)
+		return
+	}
+	m.store.Touch(mf.digest)
+	setContentHeaders(w, mf.mediaType, mf.digest.String(), int64(len(mf.body)))
+	w.WriteHeader(http.StatusOK)
+	if r.Method == http.MethodGet {
+		w.Write(mf.body)
+	}
+}
+
+// cachedManifest reads a manifest from the store, with its media type from the index or,
+// failing that, from the manifest itself.
+func (m *Mirror) cachedManifest(dgst digest.Digest) (*manifest, error) {
+	body, err := m.store.ReadBlob(dgst)
+	if err != nil {
+		return nil, err
+	}
+	meta, _, err := m.store.BlobMeta(dgst)
+	if err != nil {
+		return nil, err
+	}
+	mt := meta.MediaType
+	if mt == "" {
+		mt = sniffMediaType(body)
+	}
+	return &manifest{body: body, mediaType: mt, digest: dgst}, nil
+}
+
+func (m *Mirror) manifestByDigest(ctx context.Context, rt route, dgst digest.Digest) (*manifest, error) {
+	mf, err := m.cachedManifest(dgst)
+	if err == nil || !contentstore.IsNotFound(err) {
+		return mf, err
+	}
+	v, err, _ := m.flight.Do("manifest:"+rt.registry+"/"+rt.repo+"@"+dgst.String(), func() (any, error) {
+		return m.fetchManifest(m.ctx, rt, dgst.String(), dgst, 0)
+	})
+	if err != nil {
+		return nil, err
+	}
+	return v.(*manifest), nil
+}
+
+// fetchManifest GETs a manifest by tag or digest, verifies it against want (a digest
+// reference, or the digest upstream declared for a tag) and stores it.
+func (m *Mirror) fetchManifest(ctx context.Context, rt route, ref string, want digest.Digest, attempts int) (*manifest, error) {
+	client := m.opts.Registries[rt.registry]
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	resp, err := client.Do(ctx, upstream.Request{
+		Method: http.MethodGet, Repo: rt.repo, Path: "manifests/" + ref,
+		Header: http.Header{"Accept": {manifestAccept}}, Attempts: attempts,
+	})
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	if resp.ContentLength > m.opts.MaxManifestSize {
+		return nil, errManifestTooLarge
+	}
+	body, err := io.ReadAll(io.LimitReader(resp.Body, m.opts.MaxManifestSize+1))
+	if err != nil {
+		return nil, fmt.Errorf("reading manifest %s from %s: %w", ref, rt.registry, err)
+	}
+	if int64(len(body)) > m.opts.MaxManifestSize {
+		return nil, errManifestTooLarge
+	}
+	if want == "" {
+		if h, err := digest.Parse(resp.Header.Get("Docker-Content-Digest")); err == nil && h.Algorithm().Available() {
+			want = h
+		}
+	}
+	var dgst digest.Digest
+	if want != "" {
+		dgst = want.Algorithm().FromBytes(body)
+		if dgst != want {
+			return nil, fmt.Errorf("manifest %s/%s:%s: got %s, want %s: %w", rt.registry, rt.repo, ref, dgst, want, errContentMismatch)
+		}
+	} else {
+		dgst = digest.FromBytes(body)
+	}
+	mt := mediaTypeOf(resp.Header.Get("Content-Type"), body)
+	if err := m.store.PutBlob(ctx, dgst, body); err != nil {
+		return nil, err
+	}
+	if err := m.store.RecordBlob(dgst, mt, int64(len(body)), rt.registry+"/"+rt.repo); err != nil {
+		return nil, err
+	}
+	return &manifest{body: body, mediaType: mt, digest: dgst}, nil
+}
+
+func tagKey(rt route) string { return rt.registry + "/" + rt.repo + ":" + rt.ref }
+
+// manifestByTag serves a tag from cache while it is fresh, and otherwise revalidates it
+// with a HEAD (coalesced across clients). When upstream is down, slow, rate-limiting or
+// failing, the cached answer is served (stale-if-error); a 404 from upstream is a 404.
+func (m *Mirror) manifestByTag(ctx context.Context, rt route) (*manifest, error) {
+	key := tagKey(rt)
+	entry, found, err := m.store.Tag(rt.registry, rt.repo, rt.ref)
+	if err != nil {
+		return nil, err
+	}
+	var cached *manifest
+	if found {
+		cached, err = m.cachedManifest(entry.Digest)
+		if err != nil && !contentstore.IsNotFound(err) {
+			return nil, err
+		}
+		m.mu.Lock()
+		last := m.checked[key]
+		m.mu.Unlock()
+		if cached != nil && time.Since(last) < m.opts.TagFreshness {
+			return cached, nil
+		}
+	}
+	ch := m.flight.DoChan("tag:"+key, func() (any, error) {
+		return m.revalidateTag(rt, cached)
+	})
+	var stale <-chan time.Time
+	if cached != nil {
+		t := time.NewTimer(m.opts.StaleAfter)
+		defer t.Stop()
+		stale = t.C
+	}
+	select {
+	case res := <-ch:
+		if res.Err != nil {
+			if cached != nil && !errors.Is(res.Err, upstream.ErrNotFound) {
+				m.log.Warn("serving cached tag, upstream failed", "registry", rt.registry, "repo", rt.repo, "tag", rt.ref, "err", res.Err)
+				return cached, nil
+			}
+			return nil, res.Err
+		}
+		return res.Val.(*manifest), nil
+	case <-stale:
+		m.log.Warn("serving cached tag, upstream slow", "registry", rt.registry, "repo", rt.repo, "tag", rt.ref)
+		return cached, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+// revalidateTag asks upstream where the tag points now. It runs detached from the
+// request, so a slow answer still refreshes the cache for the next client.
+func (m *Mirror) revalidateTag(rt route, cached *manifest) (*manifest, error) {
+	ctx, cancel := context.WithTimeout(m.ctx, 2*time.Minute)
+	defer cancel()
+	client := m.opts.Registries[rt.registry]
+	attempts := 0
+	if cached != nil {
+		attempts = 1 // a cached answer is ready; do not make the engine wait on retries
+	}
+	resp, err := client.Do(ctx, upstream.Request{
+		Method: http.MethodHead, Repo: rt.repo, Path: "manifests/" + rt.ref,
+		Header: http.Header{"Accept": {manifestAccept}}, Attempts: attempts,
+	})
+	if errors.Is(err, upstream.ErrNotFound) {
+		if derr := m.store.DeleteTag(rt.registry, rt.repo, rt.ref); derr != nil {
+			return nil, derr
+		}
+		return nil, err
+	}
+	if err != nil {
+		return nil, err
+	}
+	resp.Body.Close()
+
+	var mf *manifest
+	if d, perr := digest.Parse(resp.Header.Get("Docker-Content-Digest")); perr == nil && d.Algorithm().Available() {
+		if cached != nil && cached.digest == d {
+			mf = cached
+		} else if c, cerr := m.cachedManifest(d); cerr == nil {
+			mf = c // the same manifest is already here under another name
+		}
+	}
+	if mf == nil {
+		// Changed, or the registry does not say the digest on HEAD: fetch by tag.
+		mf, err = m.fetchManifest(ctx, rt, rt.ref, "", attempts)
+		if err != nil {
+			return nil, err
+		}
+	}
+	if cached == nil || cached.digest != mf.digest {
+		err := m.store.SetTag(rt.registry, rt.repo, rt.ref, contentstore.TagEntry{
+			Digest: mf.digest, MediaType: mf.mediaType, Size: int64(len(mf.body)),
+		})
+		if err != nil {
+			return nil, err
+		}
+	}
+	m.mu.Lock()
+	m.checked[tagKey(rt)] = time.Now()
+	m.mu.Unlock()
+	return mf, nil
+}
+
+// mediaTypeOf prefers the registry's Content-Type and falls back to the manifest's own
+// mediaType field (registries behind plain file servers send text/plain).
+func mediaTypeOf(contentType string, body []byte) string {
+	if mt, _, err := mime.ParseMediaType(contentType); err == nil && (strings.Contains(mt, "manifest") || strings.Contains(mt, "image.index")) {
+		return mt
+	}
+	return sniffMediaType(body)
+}
+
+func sniffMediaType(body []byte) string {
+	var v struct {
+		MediaType string          `json:"mediaType"`
+		Manifests json.RawMessage `json:"manifests"`
+	}
+	if json.Unmarshal(body, &v) == nil {
+		switch {
+		case v.MediaType != "":
+			return v.MediaType
+		case v.Manifests != nil:
+			return ocispec.MediaTypeImageIndex
+		}
+	}
+	return ocispec.MediaTypeImageManifest
+}
