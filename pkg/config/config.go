@@ -94,14 +94,16 @@ func Load(path string) (Config, error) {
 	dec := toml.NewDecoder(strings.NewReader(string(b))).DisallowUnknownFields()
 	var file Config
 	if err := dec.Decode(&file); err != nil {
+		var sme *toml.StrictMissingError
+		if errors.As(err, &sme) && len(sme.Errors) > 0 {
+			de := sme.Errors[0]
+			row, col := de.Position()
+			return c, fmt.Errorf("%s:%d:%d: unknown key %q", path, row, col, strings.Join(de.Key(), "."))
+		}
 		var de *toml.DecodeError
 		if errors.As(err, &de) {
 			row, col := de.Position()
 			return c, fmt.Errorf("%s:%d:%d: %s", path, row, col, de.Error())
-		}
-		var sme *toml.StrictMissingError
-		if errors.As(err, &sme) {
-			return c, fmt.Errorf("%s: %s", path, sme.String())
 		}
 		return c, fmt.Errorf("%s: %w", path, err)
 	}

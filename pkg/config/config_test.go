@@ -1,0 +1,121 @@
+package config
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func write(t *testing.T, body string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "config.toml")
+	if err := os.WriteFile(p, []byte(body), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func TestLoad(t *testing.T) {
+	secret := filepath.Join(t.TempDir(), "pw")
+	os.WriteFile(secret, []byte("hunter2\n"), 0o600)
+	p := write(t, `
+listen = "127.0.0.1:5001"
+data_dir = "/srv/mirror"
+
+[cache]
+tag_freshness = "1m"
+
+[[registry]]
+name = "docker.io"
+endpoints = ["https://mirror.corp.example", "https://registry-1.docker.io"]
+username = "me"
+password_file = "`+secret+`"
+
+[[registry]]
+name = "ghcr.io"
+`)
+	c, err := Load(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	if c.Listen != "127.0.0.1:5001" || c.DataDir != "/srv/mirror" || c.Cache.TagFreshness.Duration != time.Minute {
+		t.Fatalf("scalars not loaded: %+v", c)
+	}
+	if c.Cache.MaxManifestSize != 4<<20 || c.Cache.ListTTL.Duration != 30*time.Second {
+		t.Fatalf("defaults lost: %+v", c.Cache)
+	}
+	if len(c.Registries) != 2 || c.Registries[0].Endpoints[0] != "https://mirror.corp.example" || c.Registries[0].Password != "hunter2" {
+		t.Fatalf("docker.io: %+v", c.Registries[0])
+	}
+	if c.Registries[1].Endpoints[0] != "https://ghcr.io" {
+		t.Fatalf("ghcr.io default endpoint: %v", c.Registries[1].Endpoints)
+	}
+}
+
+func TestLoadErrors(t *testing.T) {
+	for _, tc := range []struct{ name, body, want string }{
+		{"syntax", "listen = \n", "config.toml:1"},
+		{"unknown key", "lisen = \"x\"\n", "lisen"},
+		{"bad duration", "[cache]\ntag_freshness = \"soon\"\n", "config.toml"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := Load(write(t, tc.body))
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("err = %v, want it to mention %q", err, tc.want)
+			}
+		})
+	}
+}
+
+func TestValidate(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		mod  func(*Config)
+		want string
+	}{
+		{"defaults", func(*Config) {}, ""},
+		{"no registries", func(c *Config) { c.Registries = nil }, "no registries"},
+		{"duplicate", func(c *Config) { c.Registries = append(c.Registries, Registry{Name: "docker.io"}) }, "twice"},
+		{"bad name", func(c *Config) { c.Registries = []Registry{{Name: "a/b"}} }, "not a host"},
+		{"bad endpoint", func(c *Config) { c.Registries = []Registry{{Name: "a.io", Endpoints: []string{"ftp://a"}}} }, "not an http"},
+		{"host with port", func(c *Config) { c.Registries = []Registry{{Name: "localhost:5000"}} }, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := Default()
+			tc.mod(&c)
+			err := c.Validate()
+			if (tc.want == "") != (err == nil) || err != nil && !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("err = %v, want %q", err, tc.want)
+			}
+		})
+	}
+}
+
+func TestSetUpstreams(t *testing.T) {
+	c := Default()
+	if err := c.SetUpstreams([]string{"docker.io=http://127.0.0.1:1", "docker.io=http://127.0.0.1:2", "quay.io=http://127.0.0.1:3"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	if len(c.Registries) != 2 || len(c.Registries[0].Endpoints) != 2 || c.Registries[1].Name != "quay.io" {
+		t.Fatalf("%+v", c.Registries)
+	}
+	for _, bad := range []string{"docker.io", "=http://x", "docker.io="} {
+		if err := c.SetUpstreams([]string{bad}); err == nil {
+			t.Errorf("%q accepted", bad)
+		}
+	}
+	// Without docker.io configured, requests naming no registry have nowhere to go.
+	c.SetUpstreams([]string{"quay.io=http://127.0.0.1:3"})
+	c.Validate()
+	if c.DefaultRegistry != "" {
+		t.Fatalf("default registry %q is not configured", c.DefaultRegistry)
+	}
+}
