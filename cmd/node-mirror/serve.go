@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"os"
 	"os/signal"
 	"syscall"
@@ -30,6 +31,7 @@ func serveCommand() *cli.Command {
 			&cli.StringFlag{Name: "data-dir", Usage: "where the cache lives (default /var/lib/node-mirror)"},
 			&cli.StringSliceFlag{Name: "upstream", Usage: "`NAME=URL`: mirror registry NAME (as clients name it) from URL; repeatable, replaces the configured registries"},
 			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error"},
+			&cli.StringFlag{Name: "debug-listen", Usage: "serve Go pprof profiles on this `ADDR` (keep it on loopback)"},
 		},
 		Action: serve,
 	}
@@ -116,6 +118,16 @@ func serve(c *cli.Context) error {
 
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()
+	if addr := c.String("debug-listen"); addr != "" {
+		dln, err := net.Listen("tcp", addr)
+		if err != nil {
+			return fmt.Errorf("--debug-listen: %w", err)
+		}
+		dsrv := &http.Server{Handler: debugMux(), ReadHeaderTimeout: 10 * time.Second}
+		defer dsrv.Close()
+		go dsrv.Serve(dln)
+		log.Info("serving pprof", "listen", dln.Addr().String())
+	}
 	names := make([]string, 0, len(cfg.Registries))
 	for _, r := range cfg.Registries {
 		names = append(names, r.Name)
@@ -134,6 +146,17 @@ func serve(c *cli.Context) error {
 		return err
 	}
 	return nil
+}
+
+// debugMux serves net/http/pprof without registering it on the default mux.
+func debugMux() *http.ServeMux {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	return mux
 }
 
 // flushAccess persists last-access times in batches, off the request path.
