@@ -26,6 +26,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/validate"
 	"github.com/opencontainers/go-digest"
 
+	"github.com/node-mirror/node-mirror/internal/fault"
 	"github.com/node-mirror/node-mirror/pkg/contentstore"
 	"github.com/node-mirror/node-mirror/pkg/upstream"
 )
@@ -35,6 +36,7 @@ import (
 type fakeUpstream struct {
 	srv   *httptest.Server
 	reg   http.Handler
+	fault *fault.Injector
 	mu    sync.Mutex
 	count map[string]int // "METHOD path" -> requests
 	// hook, when set, may answer a request itself (return true) to inject faults.
@@ -43,7 +45,8 @@ type fakeUpstream struct {
 
 func newUpstream(t *testing.T) *fakeUpstream {
 	t.Helper()
-	u := &fakeUpstream{reg: registry.New(registry.Logger(log.New(io.Discard, "", 0)), registry.WithReferrersSupport(true)), count: map[string]int{}}
+	reg := registry.New(registry.Logger(log.New(io.Discard, "", 0)), registry.WithReferrersSupport(true))
+	u := &fakeUpstream{reg: reg, fault: fault.New(reg), count: map[string]int{}}
 	u.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		u.mu.Lock()
 		u.count[r.Method+" "+r.URL.Path]++
@@ -52,9 +55,10 @@ func newUpstream(t *testing.T) *fakeUpstream {
 		if hook != nil && hook(w, r) {
 			return
 		}
-		u.reg.ServeHTTP(w, r)
+		u.fault.ServeHTTP(w, r)
 	}))
 	t.Cleanup(u.srv.Close)
+	t.Cleanup(u.fault.Close) // first, so stalled handlers return before the server closes
 	return u
 }
 
@@ -114,7 +118,10 @@ func newMirror(t *testing.T, registries map[string][]string, opts ...mirrorOpt) 
 	t.Cleanup(func() { store.Close() })
 	clients := map[string]*upstream.Client{}
 	for name, eps := range registries {
-		c, err := upstream.New(name, eps, "", "", upstream.Options{BaseBackoff: 10 * time.Millisecond, Logger: nopLogger()})
+		c, err := upstream.New(name, eps, "", "", upstream.Options{
+			BaseBackoff: 10 * time.Millisecond, StallTimeout: 500 * time.Millisecond,
+			HeaderTimeout: 2 * time.Second, MaxRetryAfter: 2 * time.Second, Logger: nopLogger(),
+		})
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -46,6 +46,9 @@ type Options struct {
 	MaxRetryAfter time.Duration
 	// StallTimeout aborts a body that delivers no bytes for this long (default 30s).
 	StallTimeout time.Duration
+	// HeaderTimeout bounds the wait for response headers with the default transport
+	// (default 30s).
+	HeaderTimeout time.Duration
 	// BaseBackoff is the first retry delay, doubled per attempt (default 200ms).
 	BaseBackoff time.Duration
 	UserAgent   string
@@ -57,11 +60,12 @@ type Client struct {
 	name      string
 	endpoints []*url.URL
 	http      *http.Client
-	auth      docker.Authorizer
+	newAuth   func() docker.Authorizer
 	opts      Options
 	log       *slog.Logger
 
 	mu        sync.Mutex
+	auth      docker.Authorizer
 	rateLimit string // last ratelimit-remaining seen, Docker Hub style
 }
 
@@ -116,13 +120,20 @@ func New(name string, endpoints []string, username, password string, opts Option
 	}
 	rt := c.opts.Transport
 	if rt == nil {
-		rt = NewTransport()
+		t := NewTransport()
+		if c.opts.HeaderTimeout > 0 {
+			t.ResponseHeaderTimeout = c.opts.HeaderTimeout
+		}
+		rt = t
 	}
 	c.http = &http.Client{Transport: rt}
-	c.auth = docker.NewDockerAuthorizer(
-		docker.WithAuthClient(c.http),
-		docker.WithAuthCreds(func(string) (string, string, error) { return username, password, nil }),
-	)
+	c.newAuth = func() docker.Authorizer {
+		return docker.NewDockerAuthorizer(
+			docker.WithAuthClient(c.http),
+			docker.WithAuthCreds(func(string) (string, string, error) { return username, password, nil }),
+		)
+	}
+	c.auth = c.newAuth()
 	return c, nil
 }
 
@@ -202,7 +213,7 @@ func (c *Client) tryEndpoint(ctx context.Context, ep *url.URL, r Request, attemp
 			return resp, nil
 		case resp.StatusCode == http.StatusUnauthorized && !authRetried:
 			authRetried = true
-			err := c.auth.AddResponses(ctx, []*http.Response{resp})
+			err := c.authorizer().AddResponses(ctx, []*http.Response{resp})
 			discard(resp, cancel)
 			if err != nil {
 				return nil, fmt.Errorf("authenticating to %s: %w", ep.Host, err)
@@ -251,8 +262,10 @@ func (c *Client) send(ctx context.Context, r Request, u *url.URL) (*http.Respons
 		req.Header[k] = v
 	}
 	req.Header.Set("User-Agent", c.opts.UserAgent)
-	if err := c.auth.Authorize(rctx, req); err != nil {
+	auth := c.authorizer()
+	if err := auth.Authorize(rctx, req); err != nil {
 		cancel()
+		c.resetAuth(auth)
 		return nil, nil, fmt.Errorf("authorizing: %w", err)
 	}
 	resp, err := c.http.Do(req)
@@ -261,6 +274,23 @@ func (c *Client) send(ctx context.Context, r Request, u *url.URL) (*http.Respons
 		return nil, nil, err
 	}
 	return resp, cancel, nil
+}
+
+func (c *Client) authorizer() docker.Authorizer {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.auth
+}
+
+// resetAuth drops the authorizer's state after a failed token fetch. containerd's
+// authorizer keeps a failed fetch as the answer for that scope until it is replaced;
+// that suits a one-shot pull, but in a daemon one auth-server outage would last forever.
+func (c *Client) resetAuth(failed docker.Authorizer) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.auth == failed {
+		c.auth = c.newAuth()
+	}
 }
 
 func (c *Client) noteRateLimit(resp *http.Response) {

@@ -263,3 +263,38 @@ func TestBadEndpointRejected(t *testing.T) {
 		}
 	}
 }
+
+// A token server outage must not outlive itself: containerd's authorizer caches a failed
+// fetch, so the client has to forget it.
+func TestTokenOutageRecovers(t *testing.T) {
+	var failing atomic.Bool
+	failing.Store(true)
+	var srv *httptest.Server
+	srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/token" {
+			if failing.Load() {
+				w.WriteHeader(http.StatusInternalServerError)
+				return
+			}
+			json.NewEncoder(w).Encode(map[string]any{"token": "t"})
+			return
+		}
+		if r.Header.Get("Authorization") != "Bearer t" {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="`+srv.URL+`/token",service="s"`)
+			w.WriteHeader(http.StatusUnauthorized)
+			return
+		}
+		io.WriteString(w, "ok")
+	}))
+	defer srv.Close()
+	c := newClient(t, []string{srv.URL}, "", "", Options{MaxAttempts: 1})
+	if _, err := get(t, c, "manifests/v1"); err == nil {
+		t.Fatal("succeeded while the token server fails")
+	}
+	failing.Store(false)
+	resp, err := get(t, c, "manifests/v1")
+	if err != nil {
+		t.Fatalf("after the token server recovered: %v", err)
+	}
+	resp.Body.Close()
+}
