@@ -1,8 +1,15 @@
 package main
 
 import (
+	"crypto/ecdsa"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/base64"
 	"math"
+	"math/big"
+	"strings"
 	"testing"
+	"time"
 )
 
 func TestSummarize(t *testing.T) {
@@ -100,5 +107,35 @@ func TestPullSizesAndRandomBytes(t *testing.T) {
 func TestBaseURL(t *testing.T) {
 	if got := baseURL("http://127.0.0.1:5000/v2/a/blobs/sha256:x"); got != "http://127.0.0.1:5000" {
 		t.Errorf("baseURL = %q", got)
+	}
+}
+
+func TestTokenMint(t *testing.T) {
+	ts, err := newTokenServer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ts.Close()
+	acc := parseScopes([]string{"repository:bench/hot:pull,push repository:a/b:pull"})
+	if len(acc) != 2 || acc[0].Name != "bench/hot" || len(acc[0].Actions) != 2 || acc[1].Name != "a/b" {
+		t.Fatalf("parseScopes = %+v", acc)
+	}
+	tok, err := ts.mint(acc, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	parts := strings.Split(tok, ".")
+	if len(parts) != 3 {
+		t.Fatalf("token has %d parts", len(parts))
+	}
+	sig, _ := base64.RawURLEncoding.DecodeString(parts[2])
+	sum := sha256.Sum256([]byte(parts[0] + "." + parts[1]))
+	cert, err := x509.ParseCertificate(ts.cert)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub := cert.PublicKey.(*ecdsa.PublicKey)
+	if len(sig) != 64 || !ecdsa.Verify(pub, sum[:], new(big.Int).SetBytes(sig[:32]), new(big.Int).SetBytes(sig[32:])) {
+		t.Error("token signature does not verify with the certificate's key")
 	}
 }
