@@ -5,7 +5,7 @@ DATA_DIR ?= $(CURDIR)/data
 LISTEN   ?= 127.0.0.1:5000
 PKGS     := ./...
 
-.PHONY: all build run test unit e2e conformance vet lint clean
+.PHONY: all build run test unit e2e conformance vet lint clean bench
 
 all: build
 
@@ -30,6 +30,12 @@ e2e: build
 
 conformance: build
 	NODE_MIRROR_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 -timeout 10m ./test/conformance/...
+
+# node-mirror against the reference registry's proxy mode and an nginx ceiling, on
+# loopback; writes docs/BENCHMARKS.md. Needs docker-registry, nginx and containerd (root).
+# BENCH_FLAGS=-quick for a fast rough run; `go run ./bench -h` lists the flags.
+bench: build
+	$(GO) run ./bench $(BENCH_FLAGS)
 
 clean:
 	rm -rf bin
