@@ -18,6 +18,7 @@ func main() {
 		Usage: "node-local pull-through registry mirror",
 		Commands: []*cli.Command{
 			serveCommand(),
+			installCommand(), uninstallCommand(),
 			versionCommand(),
 		},
 	}
