@@ -144,7 +144,12 @@ func run(ctx context.Context, o *options) (err error) {
 		fmt.Print(report)
 		return nil
 	}
+	if err := os.MkdirAll(filepath.Dir(o.out), 0o755); err != nil {
+		fmt.Print(report) // the run's figures are not lost
+		return err
+	}
 	if err := os.WriteFile(o.out, []byte(report), 0o644); err != nil {
+		fmt.Print(report)
 		return err
 	}
 	log.Printf("wrote %s in %v", o.out, b.elapsed.Round(time.Second))

@@ -60,9 +60,8 @@ func (b *bench) rows() []rowSpec {
 		{"6", "Peak RSS during scenario 4, MiB", "herd_rss", "", target{"node-mirror < 64 MiB", func(nm, _, _ summary) (bool, bool) {
 			return nm.Max < 64, nm.N > 0
 		}}},
-		{"5", fmt.Sprintf("Cold %d-layer pull through containerd (%s), s", b.o.pullLayers, fmtBytes(int64(b.o.pullSize))), "pull_s", direct, target{"≤ direct (within 5%)", func(nm, _, d summary) (bool, bool) {
-			r := ratio(nm, d)
-			return r <= 1.05, !math.IsNaN(r)
+		{"5", fmt.Sprintf("Cold %d-layer pull through containerd (%s), s", b.o.pullLayers, fmtBytes(int64(b.o.pullSize))), "pull_s", direct, target{"≤ direct (+0.1 s: ctr reports in 100 ms ticks)", func(nm, _, d summary) (bool, bool) {
+			return nm.Median <= d.Median+0.1, nm.N > 0 && d.N > 0
 		}}},
 	}
 }
@@ -214,7 +213,11 @@ func machine(o *options) []string {
 	kernel, _ := os.ReadFile("/proc/sys/kernel/osrelease")
 	l = append(l, fmt.Sprintf("OS: %s, kernel %s", osName, strings.TrimSpace(string(kernel))))
 	nmv, _ := exec.Command(o.bin, "version").CombinedOutput()
-	l = append(l, fmt.Sprintf("node-mirror: %s; bench built with %s", strings.TrimSpace(string(nmv)), runtime.Version()))
+	rev, err := exec.Command("git", "describe", "--always", "--dirty").Output()
+	if err != nil {
+		rev = []byte("unknown")
+	}
+	l = append(l, fmt.Sprintf("node-mirror: version %q built from commit %s; bench built with %s", strings.TrimSpace(string(nmv)), strings.TrimSpace(string(rev)), runtime.Version()))
 	l = append(l, fmt.Sprintf("docker-registry %s, nginx %s, containerd %s (Debian packages)",
 		toolVersion("docker-registry", "--version"), toolVersion("nginx", "-v"), toolVersion("containerd", "--version")))
 	return l
