@@ -264,3 +264,13 @@ var quietOnce sync.Once
 func quietContainerdLog() {
 	quietOnce.Do(func() { log.L.Logger.SetLevel(logrus.ErrorLevel) })
 }
+
+// Usage reports the bytes and number of committed blobs.
+func (s *Store) Usage(ctx context.Context) (bytes int64, entries int, err error) {
+	err = s.cs.Walk(ctx, func(info content.Info) error {
+		bytes += info.Size
+		entries++
+		return nil
+	})
+	return bytes, entries, err
+}

@@ -30,10 +30,10 @@ func registryTable(version int64) ([]string, error) {
 		return []string{"plugins", "cri", "registry"}, nil
 	case 2:
 		return []string{"plugins", "io.containerd.grpc.v1.cri", "registry"}, nil
-	case 3:
+	case 3, 4: // containerd 2.0 and 2.4 defaults; 4 changed nothing about the registry
 		return []string{"plugins", "io.containerd.cri.v1.images", "registry"}, nil
 	}
-	return nil, fmt.Errorf("config version %d is not one node-mirror knows (1, 2 or 3)", version)
+	return nil, fmt.Errorf("config version %d is not one node-mirror knows (1 to 4)", version)
 }
 
 // readContainerdConfig parses config.toml and refuses the deprecated registry settings
@@ -88,7 +88,7 @@ func (c containerdConfig) hostsDir() (dir string, needsSet bool) {
 		// config_path is a list; containerd uses the first directory that has the host.
 		return filepath.SplitList(c.configPath)[0], false
 	}
-	// containerd 2.x (config version 3) defaults an empty config_path to
+	// containerd 2.x (config version 3 and up) defaults an empty config_path to
 	// /etc/containerd/certs.d:/etc/docker/certs.d; 1.x then reads no directory at all.
 	return defaultContainerdHostsDir, c.version < 3
 }

@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"net"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -367,12 +368,8 @@ func (pl *planner) finishInstall(planned []string) (*Plan, error) {
 func (pl *planner) annotate(r *fileRecord) {
 	switch r.Kind {
 	case kindHostsTOML:
-		if server := serverFor(registryOfHostsPath(r.Path)); server != "" {
-			if d, err := parseTOML(r.Path, r.Original); err == nil {
-				if _, ok := d.data["server"]; !ok {
-					r.AddedServer = server
-				}
-			}
+		if d, err := parseTOML(r.Path, r.Original); err == nil && isBlank(d) {
+			r.AddedServer = serverFor(registryOfHostsPath(r.Path))
 		}
 	case kindContainerdConf:
 		_, c, err := readContainerdConfig(r.Path, pl.files[r.Path].new)
@@ -614,10 +611,15 @@ func (pl *planner) hostsFiles(engine, dir string) []string {
 	return paths
 }
 
-// serverFor is the real registry for a hosts.toml directory; _default has none, so
-// containerd falls back to the host it was asked for.
+// serverFor is the real registry for a hosts.toml directory. _default has none, so
+// containerd falls back to the host it was asked for; neither has a loopback registry,
+// which containerd reaches over http by itself and an https server line would break.
 func serverFor(dir string) string {
-	if dir == "_default" {
+	host := dir
+	if h, _, err := net.SplitHostPort(dir); err == nil {
+		host = h
+	}
+	if dir == "_default" || host == "localhost" || net.ParseIP(host).IsLoopback() {
 		return ""
 	}
 	return config.DefaultEndpoint(dir)

@@ -30,9 +30,10 @@ func (h hostsTOML) block() string {
 }
 
 // mergeHostsTOML returns cur (an existing hosts.toml, or nil) with our mirror as the first
-// host containerd tries and the real registry as server when none is set. The user's hosts
-// (CAs, other mirrors) stay, after ours; old lists mirror URLs of earlier installs whose
-// entries are replaced.
+// host containerd tries. A new file also names the real registry as server; an existing
+// one keeps its own server or none, whose meaning containerd already fixes (the registry
+// itself, over http for localhost). The user's hosts (CAs, other mirrors) stay, after ours;
+// old lists mirror URLs of earlier installs whose entries are replaced.
 func mergeHostsTOML(file string, cur []byte, h hostsTOML, old []string) ([]byte, error) {
 	before, err := parseTOML(file, cur)
 	if err != nil {
@@ -53,8 +54,8 @@ func mergeHostsTOML(file string, cur []byte, h hostsTOML, old []string) ([]byte,
 			break
 		}
 	}
-	_, hasServer := d.data["server"]
-	if h.server != "" && !hasServer {
+	addServer := h.server != "" && isBlank(before)
+	if addServer {
 		line := "server = " + tomlString(h.server) + "\n"
 		at := -1
 		for _, e := range d.exprs {
@@ -94,10 +95,20 @@ func mergeHostsTOML(file string, cur []byte, h hostsTOML, old []string) ([]byte,
 		}
 		b = append(b, sep+h.block()...)
 	}
-	if err := verifyHostsTOML(file, before, b, h); err != nil {
+	if err := verifyHostsTOML(file, before, b, h, addServer); err != nil {
 		return nil, err
 	}
 	return b, nil
+}
+
+// isBlank tells whether a document has nothing but comments and blank lines.
+func isBlank(d *tomlDoc) bool {
+	for _, e := range d.exprs {
+		if e.kind != unstable.Comment {
+			return false
+		}
+	}
+	return true
 }
 
 // ensureNewline is the newline needed before inserting at offset at, so an insert never
@@ -162,7 +173,7 @@ func hostOrder(d *tomlDoc) []string {
 
 // verifyHostsTOML re-parses what we are about to write: our mirror must be the first host,
 // the server must be set as intended, and every other setting must be unchanged.
-func verifyHostsTOML(file string, before *tomlDoc, after []byte, h hostsTOML) error {
+func verifyHostsTOML(file string, before *tomlDoc, after []byte, h hostsTOML, addedServer bool) error {
 	d, err := parseTOML(file, after)
 	if err != nil {
 		return fmt.Errorf("%s: merged hosts.toml does not parse (please report this): %w", file, err)
@@ -172,7 +183,7 @@ func verifyHostsTOML(file string, before *tomlDoc, after []byte, h hostsTOML) er
 	}
 	want := stripHost(before.data, h.mirror)
 	got := stripHost(d.data, h.mirror)
-	if _, ok := want["server"]; !ok && h.server != "" {
+	if addedServer {
 		want["server"] = h.server
 	}
 	if !reflect.DeepEqual(want, got) {

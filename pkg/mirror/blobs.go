@@ -52,9 +52,12 @@ func (m *Mirror) serveBlob(w http.ResponseWriter, r *http.Request, rt route) {
 		}
 		if !m.serveStoredBlob(w, r, rt) {
 			m.fail(w, r, rt, contentstore.ErrNotFound)
+			return
 		}
+		noteResult(r.Context(), ResultMiss)
 		return
 	}
+	noteResult(r.Context(), ResultMiss)
 	fr := &followReader{d: d, ctx: r.Context(), flush: func() { http.NewResponseController(w).Flush() }}
 	setContentHeaders(w, blobContentType, rt.digest.String(), d.size)
 	http.ServeContent(w, r, "", time.Time{}, fr)
@@ -73,6 +76,7 @@ func (m *Mirror) serveStoredBlob(w http.ResponseWriter, r *http.Request, rt rout
 		return false
 	}
 	defer f.Close()
+	noteResult(r.Context(), ResultHit)
 	m.store.Touch(rt.digest)
 	setContentHeaders(w, blobContentType, rt.digest.String(), size)
 	http.ServeContent(w, r, "", time.Time{}, f)
@@ -89,6 +93,7 @@ func (m *Mirror) headBlob(w http.ResponseWriter, r *http.Request, rt route) {
 		select {
 		case <-d.ready:
 			if d.startErr == nil && d.size >= 0 {
+				noteResult(r.Context(), ResultMiss)
 				setContentHeaders(w, blobContentType, rt.digest.String(), d.size)
 				w.WriteHeader(http.StatusOK)
 				return
@@ -96,7 +101,7 @@ func (m *Mirror) headBlob(w http.ResponseWriter, r *http.Request, rt route) {
 		default:
 		}
 	}
-	resp, err := m.opts.Registries[rt.registry].Do(r.Context(), upstream.Request{
+	resp, err := rt.client.Do(r.Context(), upstream.Request{
 		Method: http.MethodHead, Repo: rt.repo, Path: "blobs/" + rt.digest.String(),
 	})
 	if err != nil {
@@ -104,6 +109,7 @@ func (m *Mirror) headBlob(w http.ResponseWriter, r *http.Request, rt route) {
 		return
 	}
 	resp.Body.Close()
+	noteResult(r.Context(), ResultMiss)
 	if resp.ContentLength < 0 {
 		// No length to report; a client that needs one asks with GET.
 		w.Header().Set("Docker-Content-Digest", rt.digest.String())
@@ -153,6 +159,7 @@ func (m *Mirror) joinDownload(rt route) *download {
 	}
 	d := &download{dgst: rt.digest, ready: make(chan struct{}), size: -1, changed: make(chan struct{}), refs: 2}
 	m.downloads[key] = d
+	m.opts.Metrics.DownloadStarted()
 	m.wg.Add(1)
 	go m.runDownload(d, rt)
 	return d
@@ -170,6 +177,7 @@ func (m *Mirror) runDownload(d *download, rt route) {
 	m.mu.Unlock()
 	d.finish(err)
 	d.release()
+	m.opts.Metrics.DownloadDone()
 }
 
 func (m *Mirror) fetchBlob(d *download, rt route) error {
@@ -183,7 +191,7 @@ func (m *Mirror) fetchBlob(d *download, rt route) error {
 		}
 		return err
 	}
-	resp, err := m.opts.Registries[rt.registry].Do(ctx, upstream.Request{
+	resp, err := rt.client.Do(ctx, upstream.Request{
 		Method: http.MethodGet, Repo: rt.repo, Path: "blobs/" + d.dgst.String(),
 	})
 	if err != nil {
@@ -209,6 +217,7 @@ func (m *Mirror) fetchBlob(d *download, rt route) error {
 				return fmt.Errorf("writing ingest: %w", werr)
 			}
 			written += int64(n)
+			m.opts.Metrics.Fetched(rt.registry, n)
 			d.progress(written)
 		}
 		if rerr == io.EOF {

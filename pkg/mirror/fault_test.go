@@ -78,11 +78,11 @@ func TestBlobFaults(t *testing.T) {
 		{rule: fault.Rule{Kind: fault.Status, Status: 500}},
 		{rule: fault.Rule{Kind: fault.Status, Status: 503, RetryAfter: "1"}},
 		{rule: fault.Rule{Kind: fault.Status, Status: 429, RetryAfter: "3600"}},
-		{rule: fault.Rule{Kind: fault.Status, Status: 503, Times: 1}, mayServe: true, mustServe: true},   // retried
-		{rule: fault.Rule{Kind: fault.Reset, Times: 1}, mayServe: true, mustServe: true},                 // retried
-		{rule: fault.Rule{Kind: fault.Trickle}, mayServe: true, mustServe: true},                         // slow but right
-		{rule: fault.Rule{Kind: fault.TokenError, PathContains: "/token"}, token: true},                  // auth server down
-		{rule: fault.Rule{Kind: fault.TokenError, PathContains: "/token", Status: 401}, token: true},     // auth refused
+		{rule: fault.Rule{Kind: fault.Status, Status: 503, Times: 1}, mayServe: true, mustServe: true}, // retried
+		{rule: fault.Rule{Kind: fault.Reset, Times: 1}, mayServe: true, mustServe: true},               // retried
+		{rule: fault.Rule{Kind: fault.Trickle}, mayServe: true, mustServe: true},                       // slow but right
+		{rule: fault.Rule{Kind: fault.TokenError, PathContains: "/token"}, token: true},                // auth server down
+		{rule: fault.Rule{Kind: fault.TokenError, PathContains: "/token", Status: 401}, token: true},   // auth refused
 	} {
 		name := string(tc.rule.Kind) + fmt.Sprint(tc.rule.Status, tc.rule.RetryAfter, tc.rule.Times)
 		t.Run(name, func(t *testing.T) {

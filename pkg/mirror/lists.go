@@ -41,21 +41,25 @@ func (m *Mirror) serveList(w http.ResponseWriter, r *http.Request, rt route) {
 	cached := m.lists[key]
 	m.mu.Unlock()
 	ans := cached
-	if cached == nil || time.Since(cached.fetched) >= m.opts.ListTTL {
+	result := ResultHit
+	if cached == nil || time.Since(cached.fetched) >= rt.policy.listTTL {
 		v, err, _ := m.flight.Do("list:"+key, func() (any, error) {
 			return m.fetchList(rt, path, q)
 		})
 		switch {
 		case err == nil:
 			ans = v.(*listAnswer)
+			result = ResultMiss
 			m.storeList(key, ans)
 		case cached != nil && !errors.Is(err, upstream.ErrNotFound):
+			result = ResultStale
 			m.log.Warn("serving cached list, upstream failed", "registry", rt.registry, "repo", rt.repo, "kind", rt.kind, "err", err)
 		default:
 			m.fail(w, r, rt, err)
 			return
 		}
 	}
+	noteResult(r.Context(), result)
 	for k, v := range ans.header {
 		w.Header()[k] = v
 	}
@@ -69,7 +73,7 @@ func (m *Mirror) serveList(w http.ResponseWriter, r *http.Request, rt route) {
 func (m *Mirror) fetchList(rt route, path string, q url.Values) (*listAnswer, error) {
 	ctx, cancel := context.WithTimeout(m.ctx, time.Minute)
 	defer cancel()
-	resp, err := m.opts.Registries[rt.registry].Do(ctx, upstream.Request{
+	resp, err := rt.client.Do(ctx, upstream.Request{
 		Method: http.MethodGet, Repo: rt.repo, Path: path, Query: q,
 	})
 	if err != nil {

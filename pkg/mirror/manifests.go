@@ -35,18 +35,20 @@ type manifest struct {
 
 func (m *Mirror) serveManifest(w http.ResponseWriter, r *http.Request, rt route) {
 	var (
-		mf  *manifest
-		err error
+		mf     *manifest
+		result string
+		err    error
 	)
 	if rt.digest != "" {
-		mf, err = m.manifestByDigest(r.Context(), rt, rt.digest)
+		mf, result, err = m.manifestByDigest(r.Context(), rt, rt.digest)
 	} else {
-		mf, err = m.manifestByTag(r.Context(), rt)
+		mf, result, err = m.manifestByTag(r.Context(), rt)
 	}
 	if err != nil {
 		m.fail(w, r, rt, err)
 		return
 	}
+	noteResult(r.Context(), result)
 	m.store.Touch(mf.digest)
 	setContentHeaders(w, mf.mediaType, mf.digest.String(), int64(len(mf.body)))
 	w.WriteHeader(http.StatusOK)
@@ -73,24 +75,24 @@ func (m *Mirror) cachedManifest(dgst digest.Digest) (*manifest, error) {
 	return &manifest{body: body, mediaType: mt, digest: dgst}, nil
 }
 
-func (m *Mirror) manifestByDigest(ctx context.Context, rt route, dgst digest.Digest) (*manifest, error) {
+func (m *Mirror) manifestByDigest(ctx context.Context, rt route, dgst digest.Digest) (*manifest, string, error) {
 	mf, err := m.cachedManifest(dgst)
 	if err == nil || !contentstore.IsNotFound(err) {
-		return mf, err
+		return mf, ResultHit, err
 	}
 	v, err, _ := m.flight.Do("manifest:"+rt.registry+"/"+rt.repo+"@"+dgst.String(), func() (any, error) {
 		return m.fetchManifest(m.ctx, rt, dgst.String(), dgst, 0)
 	})
 	if err != nil {
-		return nil, err
+		return nil, ResultMiss, err
 	}
-	return v.(*manifest), nil
+	return v.(*manifest), ResultMiss, nil
 }
 
 // fetchManifest GETs a manifest by tag or digest, verifies it against want (a digest
 // reference, or the digest upstream declared for a tag) and stores it.
 func (m *Mirror) fetchManifest(ctx context.Context, rt route, ref string, want digest.Digest, attempts int) (*manifest, error) {
-	client := m.opts.Registries[rt.registry]
+	client := rt.client
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer cancel()
 	resp, err := client.Do(ctx, upstream.Request{
@@ -140,23 +142,23 @@ func tagKey(rt route) string { return rt.registry + "/" + rt.repo + ":" + rt.ref
 // manifestByTag serves a tag from cache while it is fresh, and otherwise revalidates it
 // with a HEAD (coalesced across clients). When upstream is down, slow, rate-limiting or
 // failing, the cached answer is served (stale-if-error); a 404 from upstream is a 404.
-func (m *Mirror) manifestByTag(ctx context.Context, rt route) (*manifest, error) {
+func (m *Mirror) manifestByTag(ctx context.Context, rt route) (*manifest, string, error) {
 	key := tagKey(rt)
 	entry, found, err := m.store.Tag(rt.registry, rt.repo, rt.ref)
 	if err != nil {
-		return nil, err
+		return nil, ResultError, err
 	}
 	var cached *manifest
 	if found {
 		cached, err = m.cachedManifest(entry.Digest)
 		if err != nil && !contentstore.IsNotFound(err) {
-			return nil, err
+			return nil, ResultError, err
 		}
 		m.mu.Lock()
 		last := m.checked[key]
 		m.mu.Unlock()
-		if cached != nil && time.Since(last) < m.opts.TagFreshness {
-			return cached, nil
+		if cached != nil && time.Since(last) < rt.policy.tagFreshness {
+			return cached, ResultHit, nil
 		}
 	}
 	ch := m.flight.DoChan("tag:"+key, func() (any, error) {
@@ -173,16 +175,20 @@ func (m *Mirror) manifestByTag(ctx context.Context, rt route) (*manifest, error)
 		if res.Err != nil {
 			if cached != nil && !errors.Is(res.Err, upstream.ErrNotFound) {
 				m.log.Warn("serving cached tag, upstream failed", "registry", rt.registry, "repo", rt.repo, "tag", rt.ref, "err", res.Err)
-				return cached, nil
+				return cached, ResultStale, nil
 			}
-			return nil, res.Err
+			return nil, ResultError, res.Err
 		}
-		return res.Val.(*manifest), nil
+		mf := res.Val.(*manifest)
+		if cached != nil && cached.digest == mf.digest {
+			return mf, ResultHit, nil
+		}
+		return mf, ResultMiss, nil
 	case <-stale:
 		m.log.Warn("serving cached tag, upstream slow", "registry", rt.registry, "repo", rt.repo, "tag", rt.ref)
-		return cached, nil
+		return cached, ResultStale, nil
 	case <-ctx.Done():
-		return nil, ctx.Err()
+		return nil, ResultError, ctx.Err()
 	}
 }
 
@@ -191,7 +197,7 @@ func (m *Mirror) manifestByTag(ctx context.Context, rt route) (*manifest, error)
 func (m *Mirror) revalidateTag(rt route, cached *manifest) (*manifest, error) {
 	ctx, cancel := context.WithTimeout(m.ctx, 2*time.Minute)
 	defer cancel()
-	client := m.opts.Registries[rt.registry]
+	client := rt.client
 	attempts := 0
 	if cached != nil {
 		attempts = 1 // a cached answer is ready; do not make the engine wait on retries

@@ -11,11 +11,13 @@ import (
 	"net/http"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sync/singleflight"
 
 	"github.com/node-mirror/node-mirror/pkg/contentstore"
+	"github.com/node-mirror/node-mirror/pkg/metrics"
 	"github.com/node-mirror/node-mirror/pkg/upstream"
 )
 
@@ -35,6 +37,7 @@ type Options struct {
 	ListTTL         time.Duration
 	MaxManifestSize int64
 	Logger          *slog.Logger
+	Metrics         *metrics.Metrics
 }
 
 // Mirror is an http.Handler for /v2/.
@@ -48,6 +51,8 @@ type Mirror struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
+
+	policy atomic.Pointer[policy] // swapped whole by Reconfigure
 
 	flight singleflight.Group // manifests and lists, keyed by what is fetched
 
@@ -68,14 +73,11 @@ func New(opts Options) (*Mirror, error) {
 	if opts.StaleAfter <= 0 {
 		opts.StaleAfter = 3 * time.Second
 	}
-	if opts.ListTTL <= 0 {
-		opts.ListTTL = 30 * time.Second
-	}
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	return &Mirror{
+	m := &Mirror{
 		opts:      opts,
 		store:     opts.Store,
 		log:       opts.Logger,
@@ -84,18 +86,41 @@ func New(opts Options) (*Mirror, error) {
 		downloads: map[string]*download{},
 		checked:   map[string]time.Time{},
 		lists:     map[string]*listAnswer{},
-	}, nil
+	}
+	if err := m.Reconfigure(opts.Registries, opts.DefaultRegistry, opts.TagFreshness, opts.ListTTL); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+// policy is the reloadable part of the configuration.
+type policy struct {
+	registries   map[string]*upstream.Client
+	def          string
+	tagFreshness time.Duration
+	listTTL      time.Duration
+}
+
+// Reconfigure replaces registries, credentials and cache policy for new requests;
+// requests and downloads in flight finish with what they started with.
+func (m *Mirror) Reconfigure(registries map[string]*upstream.Client, def string, tagFreshness, listTTL time.Duration) error {
+	if len(registries) == 0 {
+		return errors.New("no registries")
+	}
+	if def != "" && registries[def] == nil {
+		return fmt.Errorf("default registry %s is not configured", def)
+	}
+	if listTTL <= 0 {
+		listTTL = 30 * time.Second
+	}
+	m.policy.Store(&policy{registries: registries, def: def, tagFreshness: tagFreshness, listTTL: listTTL})
+	return nil
 }
 
 // Close stops background downloads and waits for them to leave the store consistent.
 func (m *Mirror) Close() {
 	m.cancel()
 	m.wg.Wait()
-}
-
-func (m *Mirror) isRegistry(name string) bool {
-	_, ok := m.opts.Registries[name]
-	return ok
 }
 
 // ServeHTTP implements the OCI distribution pull API.
@@ -114,12 +139,15 @@ func (m *Mirror) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		return
 	}
-	rt, werr := parseRoute(r, m.isRegistry, m.opts.DefaultRegistry)
+	pol := m.policy.Load()
+	rt, werr := parseRoute(r, func(name string) bool { return pol.registries[name] != nil }, pol.def)
 	if werr != nil {
 		writeError(w, r, *werr)
 		return
 	}
+	rt.client, rt.policy = pol.registries[rt.registry], pol
 	w.Header().Set("Docker-Distribution-API-Version", "registry/2.0")
+	noteRoute(r.Context(), rt)
 	switch rt.kind {
 	case kindManifests:
 		m.serveManifest(w, r, rt)
@@ -133,6 +161,7 @@ func (m *Mirror) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // fail logs a failed request once, here at the edge, and answers with the wire error.
 func (m *Mirror) fail(w http.ResponseWriter, r *http.Request, rt route, err error) {
 	we := toWire(err, rt.kind)
+	noteResult(r.Context(), ResultError)
 	level := slog.LevelWarn
 	if we.status == http.StatusNotFound {
 		level = slog.LevelDebug

@@ -235,11 +235,11 @@ func TestRoutingPrefixAndNamespace(t *testing.T) {
 	want, _ := img.Digest()
 
 	for _, path := range []string{
-		"/v2/team/app/manifests/v1?ns=ghcr.io",  // containerd
-		"/v2/ghcr.io/team/app/manifests/v1",     // containers/image path prefix
-		"/v2/nginx/manifests/latest",            // Docker classic: default registry, library/
-		"/v2/library/nginx/manifests/latest",    // already normalised
-		"/v2/docker.io/nginx/manifests/latest",  // path prefix + normalisation
+		"/v2/team/app/manifests/v1?ns=ghcr.io", // containerd
+		"/v2/ghcr.io/team/app/manifests/v1",    // containers/image path prefix
+		"/v2/nginx/manifests/latest",           // Docker classic: default registry, library/
+		"/v2/library/nginx/manifests/latest",   // already normalised
+		"/v2/docker.io/nginx/manifests/latest", // path prefix + normalisation
 		"/v2/nginx/manifests/latest?ns=docker.io",
 	} {
 		resp, _ := tm.get(t, http.MethodGet, path)

@@ -7,6 +7,8 @@ import (
 	"strings"
 
 	"github.com/opencontainers/go-digest"
+
+	"github.com/node-mirror/node-mirror/pkg/upstream"
 )
 
 const (
@@ -23,6 +25,11 @@ type route struct {
 	kind     string
 	ref      string        // tag, digest string, or "list"
 	digest   digest.Digest // set when ref is a digest
+
+	// Taken from the configuration when the request arrived, so a reload never changes
+	// what an in-flight request talks to.
+	client *upstream.Client
+	policy *policy
 }
 
 // Repository path components per the distribution spec; the whole name is bounded too.

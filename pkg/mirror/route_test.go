@@ -7,7 +7,9 @@ import (
 	"testing"
 )
 
-func configured(name string) bool { return name == "docker.io" || name == "ghcr.io" || name == "localhost:5000" }
+func configured(name string) bool {
+	return name == "docker.io" || name == "ghcr.io" || name == "localhost:5000"
+}
 
 func TestParseRoute(t *testing.T) {
 	for _, tc := range []struct {

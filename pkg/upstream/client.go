@@ -53,6 +53,8 @@ type Options struct {
 	BaseBackoff time.Duration
 	UserAgent   string
 	Logger      *slog.Logger
+	// Observe, when set, sees every HTTP exchange (resp nil on a network error), for metrics.
+	Observe func(resp *http.Response, d time.Duration, err error)
 }
 
 // Client reaches one registry through its endpoints. Safe for concurrent use.
@@ -64,9 +66,8 @@ type Client struct {
 	opts      Options
 	log       *slog.Logger
 
-	mu        sync.Mutex
-	auth      docker.Authorizer
-	rateLimit string // last ratelimit-remaining seen, Docker Hub style
+	mu   sync.Mutex
+	auth docker.Authorizer
 }
 
 // NewTransport is the transport used for upstream traffic: bounded connect, TLS and
@@ -140,13 +141,6 @@ func New(name string, endpoints []string, username, password string, opts Option
 // Name is the registry's name as clients use it.
 func (c *Client) Name() string { return c.name }
 
-// RateLimitRemaining is the last ratelimit-remaining header the registry sent, if any.
-func (c *Client) RateLimitRemaining() string {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.rateLimit
-}
-
 // Request describes one call to /v2/<Repo>/<Path> (Path e.g. "manifests/latest").
 type Request struct {
 	Method string
@@ -206,7 +200,6 @@ func (c *Client) tryEndpoint(ctx context.Context, ep *url.URL, r Request, attemp
 			}
 			continue
 		}
-		c.noteRateLimit(resp)
 		switch {
 		case resp.StatusCode >= 200 && resp.StatusCode < 300:
 			resp.Body = newStallReader(resp.Body, cancel, c.opts.StallTimeout)
@@ -268,7 +261,11 @@ func (c *Client) send(ctx context.Context, r Request, u *url.URL) (*http.Respons
 		c.resetAuth(auth)
 		return nil, nil, fmt.Errorf("authorizing: %w", err)
 	}
+	start := time.Now()
 	resp, err := c.http.Do(req)
+	if c.opts.Observe != nil {
+		c.opts.Observe(resp, time.Since(start), err)
+	}
 	if err != nil {
 		cancel()
 		return nil, nil, err
@@ -290,14 +287,6 @@ func (c *Client) resetAuth(failed docker.Authorizer) {
 	defer c.mu.Unlock()
 	if c.auth == failed {
 		c.auth = c.newAuth()
-	}
-}
-
-func (c *Client) noteRateLimit(resp *http.Response) {
-	if v := resp.Header.Get("Ratelimit-Remaining"); v != "" {
-		c.mu.Lock()
-		c.rateLimit = v
-		c.mu.Unlock()
 	}
 }
 

@@ -1,0 +1,193 @@
+// Package server assembles node-mirror's HTTP server: the /v2/ mirror behind access
+// logging, metrics and optional client authentication, health and readiness endpoints,
+// and the timeouts that keep hostile or broken clients from holding resources.
+package server
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"sync/atomic"
+	"time"
+
+	"github.com/node-mirror/node-mirror/pkg/metrics"
+	"github.com/node-mirror/node-mirror/pkg/mirror"
+)
+
+// Options configure a Server.
+type Options struct {
+	Mirror  http.Handler
+	Metrics *metrics.Metrics
+	// MetricsHandler, when set, is served at /metrics on the main port.
+	MetricsHandler http.Handler
+	Logger         *slog.Logger
+	// Auth, when set, must accept a request before it reaches the mirror.
+	Auth Authenticator
+	// ReadHeaderTimeout closes connections that send no complete request headers in time
+	// (idle floods, slowloris). Default 10s.
+	ReadHeaderTimeout time.Duration
+	// IdleTimeout closes keep-alive connections with no request. Default 2m.
+	IdleTimeout time.Duration
+	// MaxHeaderBytes bounds request line and headers. Default 64 KiB.
+	MaxHeaderBytes int
+}
+
+// Authenticator decides whether a request carries valid client credentials.
+type Authenticator interface {
+	Authenticate(r *http.Request) bool
+	// Challenge is the WWW-Authenticate value sent with a 401.
+	Challenge() string
+}
+
+// Server is the mirror's HTTP server.
+type Server struct {
+	opts  Options
+	http  *http.Server
+	ready atomic.Bool
+	log   *slog.Logger
+}
+
+// New builds a Server; it is not ready until SetReady(true).
+func New(o Options) *Server {
+	if o.ReadHeaderTimeout <= 0 {
+		o.ReadHeaderTimeout = 10 * time.Second
+	}
+	if o.IdleTimeout <= 0 {
+		o.IdleTimeout = 2 * time.Minute
+	}
+	if o.MaxHeaderBytes <= 0 {
+		o.MaxHeaderBytes = 64 << 10
+	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	s := &Server{opts: o, log: o.Logger}
+	s.http = &http.Server{
+		Handler:           s.Handler(),
+		ReadHeaderTimeout: o.ReadHeaderTimeout,
+		IdleTimeout:       o.IdleTimeout,
+		MaxHeaderBytes:    o.MaxHeaderBytes,
+		ErrorLog:          slog.NewLogLogger(o.Logger.Handler(), slog.LevelDebug),
+	}
+	return s
+}
+
+// Handler routes health, readiness and metrics, and everything else to the mirror.
+func (s *Server) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "ok\n")
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
+		if !s.ready.Load() {
+			http.Error(w, "not ready", http.StatusServiceUnavailable)
+			return
+		}
+		io.WriteString(w, "ok\n")
+	})
+	if s.opts.MetricsHandler != nil {
+		mux.Handle("GET /metrics", s.opts.MetricsHandler)
+	}
+	mux.Handle("/", s.observe(s.authenticate(s.opts.Mirror)))
+	return mux
+}
+
+// SetReady flips /readyz.
+func (s *Server) SetReady(ok bool) { s.ready.Store(ok) }
+
+// Serve accepts connections on ln until Shutdown.
+func (s *Server) Serve(ln net.Listener) error { return s.http.Serve(ln) }
+
+// ServeTLS is Serve with TLS from the given files.
+func (s *Server) ServeTLS(ln net.Listener, cert, key string) error {
+	return s.http.ServeTLS(ln, cert, key)
+}
+
+// Shutdown stops accepting, reports not ready, and waits for requests in flight.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.SetReady(false)
+	return s.http.Shutdown(ctx)
+}
+
+func (s *Server) authenticate(next http.Handler) http.Handler {
+	if s.opts.Auth == nil {
+		return next
+	}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !s.opts.Auth.Authenticate(r) {
+			s.opts.Metrics.AuthFailure()
+			s.log.Warn("client authentication failed", "remote", r.RemoteAddr, "path", r.URL.Path)
+			w.Header().Set("WWW-Authenticate", s.opts.Auth.Challenge())
+			w.Header().Set("Content-Type", "application/json")
+			w.WriteHeader(http.StatusUnauthorized)
+			io.WriteString(w, `{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}`)
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// observe writes one access log line and the request metrics per request.
+func (s *Server) observe(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		ctx, out := mirror.WithOutcome(r.Context())
+		rec := &recorder{ResponseWriter: w, status: http.StatusOK}
+		defer func() {
+			// A handler that aborts (panic(http.ErrAbortHandler)) is still logged.
+			dur := time.Since(start)
+			if out.Registry != "" {
+				s.opts.Metrics.Request(out.Registry, out.Kind, out.Result)
+				source := "cache"
+				if out.Result == mirror.ResultMiss {
+					source = "upstream"
+				}
+				s.opts.Metrics.Served(source, rec.bytes)
+			}
+			s.log.Info("request", "method", r.Method, "path", r.URL.Path, "registry", out.Registry,
+				"repo", out.Repo, "kind", out.Kind, "ref", out.Ref, "status", rec.status,
+				"bytes", rec.bytes, "duration_ms", dur.Milliseconds(), "result", out.Result, "remote", r.RemoteAddr)
+		}()
+		next.ServeHTTP(rec, r.WithContext(ctx))
+	})
+}
+
+// recorder notes status and body bytes. It passes ReadFrom through so cached blobs still
+// go out by sendfile, and Unwrap so http.ResponseController can flush.
+type recorder struct {
+	http.ResponseWriter
+	status      int
+	bytes       int64
+	wroteHeader bool
+}
+
+func (r *recorder) WriteHeader(code int) {
+	if !r.wroteHeader {
+		r.status, r.wroteHeader = code, true
+	}
+	r.ResponseWriter.WriteHeader(code)
+}
+
+func (r *recorder) Write(p []byte) (int, error) {
+	r.wroteHeader = true
+	n, err := r.ResponseWriter.Write(p)
+	r.bytes += int64(n)
+	return n, err
+}
+
+func (r *recorder) ReadFrom(src io.Reader) (int64, error) {
+	r.wroteHeader = true
+	var n int64
+	var err error
+	if rf, ok := r.ResponseWriter.(io.ReaderFrom); ok {
+		n, err = rf.ReadFrom(src) // net/http's: sendfile for files
+	} else {
+		n, err = io.Copy(struct{ io.Writer }{r.ResponseWriter}, src)
+	}
+	r.bytes += n
+	return n, err
+}
+
+func (r *recorder) Unwrap() http.ResponseWriter { return r.ResponseWriter }
