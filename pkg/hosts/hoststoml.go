@@ -95,7 +95,7 @@ func mergeHostsTOML(file string, cur []byte, h hostsTOML, old []string) ([]byte,
 		}
 		b = append(b, sep+h.block()...)
 	}
-	if err := verifyHostsTOML(file, before, b, h, addServer); err != nil {
+	if err := verifyHostsTOML(file, before, b, h, addServer, old); err != nil {
 		return nil, err
 	}
 	return b, nil
@@ -173,7 +173,7 @@ func hostOrder(d *tomlDoc) []string {
 
 // verifyHostsTOML re-parses what we are about to write: our mirror must be the first host,
 // the server must be set as intended, and every other setting must be unchanged.
-func verifyHostsTOML(file string, before *tomlDoc, after []byte, h hostsTOML, addedServer bool) error {
+func verifyHostsTOML(file string, before *tomlDoc, after []byte, h hostsTOML, addedServer bool, old []string) error {
 	d, err := parseTOML(file, after)
 	if err != nil {
 		return fmt.Errorf("%s: merged hosts.toml does not parse (please report this): %w", file, err)
@@ -181,8 +181,8 @@ func verifyHostsTOML(file string, before *tomlDoc, after []byte, h hostsTOML, ad
 	if order := hostOrder(d); len(order) == 0 || order[0] != h.mirror {
 		return fmt.Errorf("%s: cannot put the mirror first in this layout (hosts defined with dotted keys or inline tables?); add [host.%s] as the first host by hand", file, tomlString(h.mirror))
 	}
-	want := stripHost(before.data, h.mirror)
-	got := stripHost(d.data, h.mirror)
+	want := stripHost(before.data, append(slices.Clone(old), h.mirror))
+	got := stripHost(d.data, []string{h.mirror})
 	if addedServer {
 		want["server"] = h.server
 	}
@@ -192,8 +192,8 @@ func verifyHostsTOML(file string, before *tomlDoc, after []byte, h hostsTOML, ad
 	return nil
 }
 
-// stripHost copies m without host.<url>, and without an empty host table.
-func stripHost(m map[string]any, url string) map[string]any {
+// stripHost copies m without host.<url> for each url, and without an empty host table.
+func stripHost(m map[string]any, urls []string) map[string]any {
 	out := make(map[string]any, len(m))
 	for k, v := range m {
 		out[k] = v
@@ -201,7 +201,7 @@ func stripHost(m map[string]any, url string) map[string]any {
 	if hosts, ok := out["host"].(map[string]any); ok {
 		rest := make(map[string]any, len(hosts))
 		for k, v := range hosts {
-			if k != url {
+			if !slices.Contains(urls, k) {
 				rest[k] = v
 			}
 		}

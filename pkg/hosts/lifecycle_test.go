@@ -1,0 +1,244 @@
+package hosts
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+)
+
+func install(t *testing.T, o Options) *Plan {
+	t.Helper()
+	p, err := Install(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Apply(); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func uninstall(t *testing.T, root string) *Plan {
+	t.Helper()
+	p, err := Uninstall(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Apply(); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func read(t *testing.T, root, path string) string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(root, path))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+func appendTo(t *testing.T, root, path, s string) {
+	t.Helper()
+	f, err := os.OpenFile(filepath.Join(root, path), os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.WriteString(s); err != nil {
+		t.Fatal(err)
+	}
+}
+
+const debianConfig = `version = 2
+
+[plugins]
+  [plugins."io.containerd.grpc.v1.cri"]
+    [plugins."io.containerd.grpc.v1.cri".cni]
+      bin_dir = "/usr/lib/cni"
+      conf_dir = "/etc/cni/net.d"
+  [plugins."io.containerd.internal.v1.opt"]
+    path = "/var/lib/containerd/opt"
+`
+
+// When someone edits a file after install, uninstall keeps their edit and removes only
+// node-mirror's entries.
+func TestUninstallAfterEdits(t *testing.T) {
+	root := t.TempDir()
+	const userHosts = "server = \"https://registry-1.docker.io\"\n\n[host.\"https://corp.example\"]\n  capabilities = [\"pull\"]\n"
+	writeFiles(t, root, map[string]string{
+		containerdConfigFile: debianConfig,
+		dockerDaemonJSON:     "{\n  \"debug\": true\n}\n",
+		dockerHostsFile:      userHosts,
+	})
+	o := Options{Root: root, MirrorURL: testMirror, Registries: []string{"docker.io"}, Engines: Engines}
+	install(t, o)
+
+	appendTo(t, root, containerdConfigFile, "# tuned by ops\n")
+	appendTo(t, root, containerdHostsFile, "\n[host.\"https://other.example\"]\n  capabilities = [\"pull\"]\n")
+	appendTo(t, root, dockerHostsFile, "# reviewed\n")
+	cfg := strings.Replace(read(t, root, dockerDaemonJSON), "\"debug\": true", "\"debug\": true,\n  \"bip\": \"10.1.0.1/24\"", 1)
+	writeFiles(t, root, map[string]string{dockerDaemonJSON: cfg})
+	dropIn := filepath.Join(containersDropInDir, containersDropInName)
+	appendTo(t, root, dropIn, "\n[[registry]]\nprefix = \"corp.example\"\nlocation = \"corp.example\"\ninsecure = true\n")
+
+	p := uninstall(t, root)
+	if got, want := read(t, root, containerdConfigFile), debianConfig+"# tuned by ops\n"; got != want {
+		t.Errorf("config.toml:\n%s\nwant:\n%s", got, want)
+	}
+	if got, want := read(t, root, containerdHostsFile), "[host.\"https://other.example\"]\n  capabilities = [\"pull\"]\n"; got != want {
+		t.Errorf("containerd hosts.toml:\n%q\nwant:\n%q", got, want)
+	}
+	if got, want := read(t, root, dockerHostsFile), userHosts+"# reviewed\n"; got != want {
+		t.Errorf("docker hosts.toml:\n%q\nwant:\n%q", got, want)
+	}
+	if got, want := read(t, root, dockerDaemonJSON), "{\n  \"debug\": true,\n  \"bip\": \"10.1.0.1/24\",\n  \"registry-mirrors\": []\n}\n"; got != want {
+		t.Errorf("daemon.json:\n%s\nwant:\n%s", got, want)
+	}
+	got := read(t, root, dropIn)
+	if strings.Contains(got, "127.0.0.1:5000") || !strings.Contains(got, "corp.example") {
+		t.Errorf("drop-in after uninstall:\n%s", got)
+	}
+	if len(p.Notes()) == 0 {
+		t.Error("uninstall did not say it kept edits")
+	}
+	if _, err := os.Stat(filepath.Join(root, StatePath)); !os.IsNotExist(err) {
+		t.Errorf("state file left behind: %v", err)
+	}
+}
+
+// Installing again with another mirror URL replaces our entries; uninstall still restores
+// the originals.
+func TestReinstallNewMirrorURL(t *testing.T) {
+	root := t.TempDir()
+	writeFiles(t, root, map[string]string{
+		containerdConfigFile: debianConfig,
+		dockerDaemonJSON:     "{\"registry-mirrors\": [\"https://mirror.gcr.io\"]}\n",
+	})
+	before := snapshot(t, root)
+	o := Options{Root: root, MirrorURL: testMirror, Registries: []string{"docker.io"}, Engines: []string{Containerd, Docker}}
+	install(t, o)
+	o.MirrorURL = "http://127.0.0.1:5999"
+	install(t, o)
+	hosts := read(t, root, containerdHostsFile)
+	if strings.Contains(hosts, testMirror) || strings.Count(hosts, "[host.") != 1 {
+		t.Errorf("hosts.toml after a new URL:\n%s", hosts)
+	}
+	if got, want := read(t, root, dockerDaemonJSON), "{\"registry-mirrors\": [\"http://127.0.0.1:5999\", \"https://mirror.gcr.io\"]}\n"; got != want {
+		t.Errorf("daemon.json = %s, want %s", got, want)
+	}
+	uninstall(t, root)
+	if d := diffTrees(before, snapshot(t, root)); len(d) > 0 {
+		t.Errorf("uninstall left %v", d)
+	}
+}
+
+// Dropping a registry from --registries takes its files back on the next install.
+func TestRegistriesShrink(t *testing.T) {
+	root := t.TempDir()
+	before := snapshot(t, root)
+	o := Options{Root: root, MirrorURL: testMirror, Registries: []string{"docker.io", "ghcr.io"}, Engines: []string{Containerd}}
+	install(t, o)
+	o.Registries = []string{"docker.io"}
+	install(t, o)
+	if _, err := os.Stat(filepath.Join(root, "/etc/containerd/certs.d/ghcr.io/hosts.toml")); !os.IsNotExist(err) {
+		t.Errorf("ghcr.io hosts.toml still there: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(root, containerdHostsFile)); err != nil {
+		t.Error(err)
+	}
+	uninstall(t, root)
+	if d := diffTrees(before, snapshot(t, root)); len(d) > 0 {
+		t.Errorf("uninstall left %v", d)
+	}
+}
+
+// Installing only some engines later keeps the record of the others.
+func TestInstallSubsetKeepsOtherRecords(t *testing.T) {
+	root := t.TempDir()
+	before := snapshot(t, root)
+	o := Options{Root: root, MirrorURL: testMirror, Registries: []string{"docker.io"}, Engines: Engines}
+	install(t, o)
+	o.Engines = []string{Docker}
+	if p, err := Install(o); err != nil || !p.Empty() {
+		t.Fatalf("install --engines docker after a full install: empty=%v err=%v", p != nil && p.Empty(), err)
+	}
+	uninstall(t, root)
+	if d := diffTrees(before, snapshot(t, root)); len(d) > 0 {
+		t.Errorf("uninstall left %v", d)
+	}
+}
+
+// Rewrites keep the file's mode and owner.
+func TestWriteKeepsModeAndOwner(t *testing.T) {
+	root := t.TempDir()
+	writeFiles(t, root, map[string]string{containerdConfigFile: debianConfig})
+	path := filepath.Join(root, containerdConfigFile)
+	if err := os.Chmod(path, 0o640); err != nil {
+		t.Fatal(err)
+	}
+	uid, gid := os.Getuid(), os.Getgid()
+	if uid == 0 {
+		uid, gid = 4321, 4322
+		if err := os.Chown(path, uid, gid); err != nil {
+			t.Fatal(err)
+		}
+	}
+	install(t, Options{Root: root, MirrorURL: testMirror, Registries: []string{"docker.io"}, Engines: []string{Containerd}})
+	fi, err := os.Stat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := fi.Sys().(*syscall.Stat_t)
+	if fi.Mode().Perm() != 0o640 || int(st.Uid) != uid || int(st.Gid) != gid {
+		t.Errorf("after install: mode %v owner %d:%d, want 0640 %d:%d", fi.Mode(), st.Uid, st.Gid, uid, gid)
+	}
+	if !strings.Contains(read(t, root, containerdConfigFile), "config_path") {
+		t.Error("config_path not written")
+	}
+	sfi, err := os.Stat(filepath.Join(root, StatePath))
+	if err != nil || sfi.Mode().Perm() != 0o600 {
+		t.Errorf("state file: %v %v, want mode 0600", sfi, err)
+	}
+	// No temporary files are left next to the target.
+	ents, _ := os.ReadDir(filepath.Dir(path))
+	for _, e := range ents {
+		if strings.Contains(e.Name(), ".node-mirror-") {
+			t.Errorf("temporary file %s left", e.Name())
+		}
+	}
+}
+
+func TestUninstallWithoutState(t *testing.T) {
+	root := t.TempDir()
+	p, err := Uninstall(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !p.Empty() || len(p.Notes()) != 1 {
+		t.Errorf("uninstall with nothing installed: empty=%v notes=%v", p.Empty(), p.Notes())
+	}
+}
+
+func TestReload(t *testing.T) {
+	proc := t.TempDir()
+	for pid, comm := range map[string]string{"10": "dockerd", "11": "containerd", "12": "crio", "self": "x"} {
+		writeFiles(t, proc, map[string]string{"/" + pid + "/comm": comm + "\n"})
+	}
+	oldProc, oldSignal := procDir, signal
+	defer func() { procDir, signal = oldProc, oldSignal }()
+	var got []int
+	procDir, signal = proc, func(pid int) error { got = append(got, pid); return nil }
+
+	p := &Plan{root: "/", changes: []*Change{{Engine: Docker, kind: kindDaemonJSON}, {Engine: Docker, kind: kindHostsTOML}}}
+	msgs, err := p.Reload()
+	if err != nil || len(got) != 1 || got[0] != 10 {
+		t.Fatalf("Reload: signalled %v, msgs %v, err %v; want dockerd (10) only", got, msgs, err)
+	}
+	if _, err := (&Plan{root: "/tmp"}).Reload(); err == nil {
+		t.Error("reload with --root accepted")
+	}
+}
