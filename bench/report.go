@@ -213,6 +213,12 @@ func machine(o *options) []string {
 	kernel, _ := os.ReadFile("/proc/sys/kernel/osrelease")
 	l = append(l, fmt.Sprintf("OS: %s, kernel %s", osName, strings.TrimSpace(string(kernel))))
 	nmv, _ := exec.Command(o.bin, "version").CombinedOutput()
+	if la, err := os.ReadFile("/proc/loadavg"); err == nil {
+		f := strings.Fields(string(la))
+		if len(f) >= 3 {
+			l = append(l, fmt.Sprintf("Load average at the end of the run: %s %s %s (1/5/15 min; other work on the machine shows here and widens the spreads)", f[0], f[1], f[2]))
+		}
+	}
 	rev, err := exec.Command("git", "describe", "--always", "--dirty").Output()
 	if err != nil {
 		rev = []byte("unknown")
