@@ -121,6 +121,9 @@ func (m *Mirror) Reconfigure(registries map[string]*upstream.Client, def string,
 func (m *Mirror) Close() {
 	m.cancel()
 	m.wg.Wait()
+	for _, c := range m.policy.Load().registries {
+		c.CloseIdleConnections()
+	}
 }
 
 // ServeHTTP implements the OCI distribution pull API.

@@ -138,6 +138,9 @@ func New(name string, endpoints []string, username, password string, opts Option
 	return c, nil
 }
 
+// CloseIdleConnections releases pooled connections (on reload and shutdown).
+func (c *Client) CloseIdleConnections() { c.http.CloseIdleConnections() }
+
 // Name is the registry's name as clients use it.
 func (c *Client) Name() string { return c.name }
 
