@@ -1,23 +1,33 @@
 # node-mirror: `make run` runs the mirror, `make test` runs every test.
 GO       ?= go
 BIN      := bin/node-mirror
+# The real-engine tiers run a race-detector build of the daemon, so every tier is checked under -race.
+RACE_BIN := bin/node-mirror-race
+FUZZTIME ?= 10s
+# Every fuzz target, as package:Target; `make fuzz` runs each for FUZZTIME.
+FUZZ_TARGETS := ./pkg/mirror:FuzzParseRoute ./pkg/hosts:FuzzMergeHostsTOML ./pkg/hosts:FuzzSetConfigPath \
+                ./pkg/hosts:FuzzMergeDaemonJSON ./pkg/hosts:FuzzDropIn
 DATA_DIR ?= $(CURDIR)/data
 LISTEN   ?= 127.0.0.1:5000
 PKGS     := ./...
 
-.PHONY: all build run test unit e2e conformance vet lint clean bench
+.PHONY: all build build-race run test unit e2e conformance fuzz soak vet clean bench
 
 all: build
 
 build:
 	$(GO) build -o $(BIN) ./cmd/node-mirror
 
+build-race:
+	$(GO) build -race -o $(RACE_BIN) ./cmd/node-mirror
+
 # Runs the mirror in the foreground with the default registries and data under ./data.
 run: build
 	$(BIN) serve --listen $(LISTEN) --data-dir $(DATA_DIR)
 
-# Every test tier: vet, unit + in-process integration (race), real engines, conformance.
-test: vet unit e2e conformance
+# Every test tier: vet, unit + in-process integration and soak (race), real engines,
+# conformance, and a bounded run of every fuzz target.
+test: vet unit e2e conformance fuzz
 
 vet:
 	$(GO) vet $(PKGS)
@@ -25,11 +35,21 @@ vet:
 unit:
 	$(GO) test -race -count=1 $$($(GO) list ./... | grep -v /test/)
 
-e2e: build
-	NODE_MIRROR_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 -timeout 20m ./test/e2e/...
+e2e: build-race
+	NODE_MIRROR_BIN=$(CURDIR)/$(RACE_BIN) $(GO) test -count=1 -timeout 20m ./test/e2e/...
 
-conformance: build
-	NODE_MIRROR_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 -timeout 10m ./test/conformance/...
+conformance: build-race
+	NODE_MIRROR_BIN=$(CURDIR)/$(RACE_BIN) $(GO) test -count=1 -timeout 10m ./test/conformance/...
+
+# The soak test alone, at the length CI uses.
+soak:
+	NODE_MIRROR_SOAK=2m $(GO) test -race -count=1 -timeout 10m -run TestSoak -v ./pkg/mirror
+
+fuzz:
+	@set -e; for t in $(FUZZ_TARGETS); do \
+	  echo "fuzz $${t#*:} for $(FUZZTIME)"; \
+	  $(GO) test -run '^$$' -fuzz "^$${t#*:}$$" -fuzztime $(FUZZTIME) "$${t%%:*}"; \
+	done
 
 # node-mirror against the reference registry's proxy mode and an nginx ceiling, on
 # loopback; writes docs/BENCHMARKS.md. Needs docker-registry, nginx and containerd (root).
