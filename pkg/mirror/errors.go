@@ -33,7 +33,6 @@ var (
 	errDenied           = wireError{status: http.StatusForbidden, code: "DENIED", message: "upstream registry denied access"}
 	errUnavailable      = wireError{status: http.StatusServiceUnavailable, code: "UNAVAILABLE", message: "upstream registry unavailable and content not cached"}
 	errUpstreamMismatch = wireError{status: http.StatusBadGateway, code: "DIGEST_INVALID", message: "upstream content does not match its digest"}
-	errInternal         = wireError{status: http.StatusInternalServerError, code: "UNKNOWN", message: "internal error"}
 )
 
 // Domain errors raised inside the mirror, mapped to wire errors in toWire.
