@@ -1,0 +1,345 @@
+// Package daemon tests the node-mirror binary as a process: killed mid-download and
+// restarted, and reconfigured with SIGHUP while a download streams.
+package daemon
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/name"
+	"github.com/google/go-containerregistry/pkg/registry"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/random"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/google/go-containerregistry/pkg/v1/validate"
+	bolt "go.etcd.io/bbolt"
+
+	"github.com/node-mirror/node-mirror/internal/fault"
+)
+
+type upstream struct {
+	srv   *httptest.Server
+	fault *fault.Injector
+}
+
+func newUpstream(t *testing.T) *upstream {
+	t.Helper()
+	reg := registry.New(registry.Logger(log.New(io.Discard, "", 0)))
+	u := &upstream{fault: fault.New(reg)}
+	u.srv = httptest.NewServer(u.fault)
+	t.Cleanup(u.srv.Close)
+	t.Cleanup(u.fault.Close)
+	return u
+}
+
+func (u *upstream) push(t *testing.T, repo string, img v1.Image) {
+	t.Helper()
+	ref, err := name.ParseReference(strings.TrimPrefix(u.srv.URL, "http://")+"/"+repo, name.Insecure)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := remote.Write(ref, img); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// daemon is one node-mirror process.
+type daemon struct {
+	cmd  *exec.Cmd
+	addr string
+	done chan struct{}
+}
+
+func binary(t *testing.T) string {
+	t.Helper()
+	bin := os.Getenv("NODE_MIRROR_BIN")
+	if bin == "" {
+		t.Fatal("NODE_MIRROR_BIN is not set: run these tests with `make e2e`, which builds the daemon")
+	}
+	return bin
+}
+
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+// start runs node-mirror serve with args on a fresh loopback port and waits for /readyz.
+func start(t *testing.T, args ...string) *daemon {
+	t.Helper()
+	addr := freeAddr(t)
+	cmd := exec.Command(binary(t), append([]string{"serve", "--listen", addr, "--log-level", "warn"}, args...)...)
+	cmd.Stdout = os.Stderr
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	d := &daemon{cmd: cmd, addr: addr, done: make(chan struct{})}
+	go func() {
+		cmd.Wait()
+		close(d.done)
+	}()
+	t.Cleanup(func() { d.stop(syscall.SIGKILL) })
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		resp, err := http.Get("http://" + addr + "/readyz")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == 200 {
+				return d
+			}
+		}
+		select {
+		case <-d.done:
+			t.Fatalf("node-mirror exited before it was ready: %v", cmd.ProcessState)
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("node-mirror did not become ready")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func (d *daemon) stop(sig syscall.Signal) {
+	select {
+	case <-d.done:
+		return
+	default:
+	}
+	d.cmd.Process.Signal(sig)
+	select {
+	case <-d.done:
+	case <-time.After(30 * time.Second):
+		d.cmd.Process.Kill()
+		<-d.done
+	}
+}
+
+func pull(addr, repo string) error {
+	ref, err := name.ParseReference(addr+"/"+repo, name.Insecure)
+	if err != nil {
+		return err
+	}
+	img, err := remote.Image(ref)
+	if err != nil {
+		return err
+	}
+	return validate.Image(img) // reads and checks every blob
+}
+
+// checkDataDir asserts what a crash may never break: every blob hashes to its name and
+// every index entry (tags, blob metadata) names a blob that is there.
+func checkDataDir(t *testing.T, dataDir string) (blobs int) {
+	t.Helper()
+	root := filepath.Join(dataDir, "content", "blobs", "sha256")
+	entries, err := os.ReadDir(root)
+	if err != nil && !os.IsNotExist(err) {
+		t.Fatal(err)
+	}
+	have := map[string]bool{}
+	for _, e := range entries {
+		b, err := os.ReadFile(filepath.Join(root, e.Name()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		sum := sha256.Sum256(b)
+		if hex.EncodeToString(sum[:]) != e.Name() {
+			t.Fatalf("blob %s does not hash to its name", e.Name())
+		}
+		have["sha256:"+e.Name()] = true
+	}
+	db, err := bolt.Open(filepath.Join(dataDir, "index.db"), 0o600, &bolt.Options{ReadOnly: true, Timeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	err = db.View(func(tx *bolt.Tx) error {
+		if b := tx.Bucket([]byte("tags")); b != nil {
+			if err := b.ForEach(func(k, v []byte) error {
+				var e struct{ Digest string }
+				if err := json.Unmarshal(v, &e); err != nil {
+					return err
+				}
+				if !have[e.Digest] {
+					return fmt.Errorf("tag %s points to %s, which is not in the store", k, e.Digest)
+				}
+				return nil
+			}); err != nil {
+				return err
+			}
+		}
+		if b := tx.Bucket([]byte("blobs")); b != nil {
+			return b.ForEach(func(k, v []byte) error {
+				if !have[string(k)] {
+					return fmt.Errorf("index records blob %s, which is not in the store", k)
+				}
+				return nil
+			})
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(entries)
+}
+
+// TestCrashMidDownloadThenRestart kills the daemon with SIGKILL while many downloads are
+// in flight, checks the data dir, restarts on it, and pulls everything.
+func TestCrashMidDownloadThenRestart(t *testing.T) {
+	up := newUpstream(t)
+	const images = 8
+	for i := 0; i < images; i++ {
+		img, err := random.Image(1<<20, 3)
+		if err != nil {
+			t.Fatal(err)
+		}
+		up.push(t, fmt.Sprintf("library/img%d:v1", i), img)
+	}
+	dataDir := t.TempDir()
+	args := []string{"--data-dir", dataDir, "--upstream", "docker.io=" + up.srv.URL}
+	d := start(t, args...)
+
+	// Slow blob bodies so the kill lands mid-download.
+	up.fault.Set(fault.Rule{Kind: fault.Trickle, Method: http.MethodGet, PathContains: "/blobs/"})
+	var wg sync.WaitGroup
+	for c := 0; c < 32; c++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			pull(d.addr, fmt.Sprintf("library/img%d:v1", c%images)) // fails when killed: expected
+		}()
+	}
+	for up.fault.Fired(fault.Trickle) < images {
+		time.Sleep(10 * time.Millisecond)
+	}
+	time.Sleep(150 * time.Millisecond)
+	d.stop(syscall.SIGKILL)
+	wg.Wait()
+	up.fault.Clear()
+
+	ingests, _ := os.ReadDir(filepath.Join(dataDir, "content", "ingest"))
+	blobs := checkDataDir(t, dataDir)
+	t.Logf("after SIGKILL: %d committed blobs, %d ingests left", blobs, len(ingests))
+	if len(ingests) == 0 {
+		t.Fatal("no download was in flight at the kill; the test proves nothing")
+	}
+
+	d = start(t, args...)
+	for i := 0; i < images; i++ {
+		if err := pull(d.addr, fmt.Sprintf("library/img%d:v1", i)); err != nil {
+			t.Fatalf("pull img%d after restart: %v", i, err)
+		}
+	}
+	d.stop(syscall.SIGTERM)
+	if n := checkDataDir(t, dataDir); n < images*4 {
+		t.Fatalf("%d blobs after pulling %d images, want at least %d", n, images, images*4)
+	}
+}
+
+// TestReloadAddsRegistryWhileDownloadStreams changes the config file, sends SIGHUP, and
+// checks the new registry is served while a download started before keeps streaming.
+func TestReloadAddsRegistryWhileDownloadStreams(t *testing.T) {
+	upA, upB := newUpstream(t), newUpstream(t)
+	big, err := random.Image(8<<20, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	upA.push(t, "library/big:v1", big)
+	small, _ := random.Image(1024, 1)
+	upB.push(t, "team/app:v1", small)
+
+	cfg := filepath.Join(t.TempDir(), "config.toml")
+	write := func(body string) {
+		if err := os.WriteFile(cfg, []byte(body), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write(fmt.Sprintf("[[registry]]\nname = \"docker.io\"\nendpoints = [%q]\n", upA.srv.URL))
+	d := start(t, "--config", cfg, "--data-dir", t.TempDir())
+
+	layers, _ := big.Layers()
+	ld, _ := layers[0].Digest()
+	want, _ := io.ReadAll(must(layers[0].Compressed()))
+	upA.fault.Set(fault.Rule{Kind: fault.Trickle, Method: http.MethodGet, PathContains: ld.String()})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+d.addr+"/v2/library/big/blobs/"+ld.String(), nil)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	first := make([]byte, 1<<20)
+	if _, err := io.ReadFull(resp.Body, first); err != nil {
+		t.Fatal(err)
+	}
+
+	newRegistry := "/v2/team/app/manifests/v1?ns=ghcr.io"
+	if r, err := http.Get("http://" + d.addr + newRegistry); err != nil || r.StatusCode != http.StatusNotFound {
+		t.Fatalf("before reload ghcr.io should be unknown: %v %v", r, err)
+	}
+	// A broken config is rejected and the running one stays.
+	write("[[registry]\n")
+	d.cmd.Process.Signal(syscall.SIGHUP)
+	time.Sleep(300 * time.Millisecond)
+	if r, err := http.Get("http://" + d.addr + "/v2/"); err != nil || r.StatusCode != 200 {
+		t.Fatalf("after a broken reload: %v %v", r, err)
+	}
+
+	write(fmt.Sprintf("[[registry]]\nname = \"docker.io\"\nendpoints = [%q]\n\n[[registry]]\nname = \"ghcr.io\"\nendpoints = [%q]\n",
+		upA.srv.URL, upB.srv.URL))
+	d.cmd.Process.Signal(syscall.SIGHUP)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		r, err := http.Get("http://" + d.addr + newRegistry)
+		if err == nil {
+			r.Body.Close()
+			if r.StatusCode == 200 {
+				break
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the reloaded registry is not served")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	rest, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatalf("in-flight download broke across the reload: %v", err)
+	}
+	if !bytes.Equal(append(first, rest...), want) {
+		t.Fatal("in-flight download delivered wrong bytes")
+	}
+	d.stop(syscall.SIGTERM)
+}
+
+func must(rc io.ReadCloser, err error) io.ReadCloser {
+	if err != nil {
+		panic(err)
+	}
+	return rc
+}
