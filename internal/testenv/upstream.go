@@ -1,0 +1,418 @@
+// Package testenv is the harness the tests across the repository share: an in-process
+// upstream registry that counts what it is asked, the node-mirror binary as a process, a real
+// containerd daemon, and the engine configuration a test points at the mirror.
+//
+// Everything listens on, and talks to, loopback only.
+package testenv
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/name"
+	"github.com/google/go-containerregistry/pkg/registry"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/empty"
+	"github.com/google/go-containerregistry/pkg/v1/mutate"
+	"github.com/google/go-containerregistry/pkg/v1/random"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/google/go-containerregistry/pkg/v1/types"
+)
+
+// seedHeader marks the requests the push helpers make, so the request log holds only what
+// the code under test asked for.
+const seedHeader = "X-Testenv-Seed"
+
+// Request is one request the upstream received.
+type Request struct {
+	Method string
+	Path   string
+	Query  string
+	Status int // 0 while the handler still runs
+}
+
+// Upstream is a registry (go-containerregistry's pkg/registry) on a loopback port that keeps
+// its address and its content across Stop and Start, so a mirror configured with its URL
+// sees it go down and come back.
+type Upstream struct {
+	t       testing.TB
+	handler http.Handler
+	addr    string
+
+	mu   sync.Mutex
+	srv  *httptest.Server
+	reqs []Request
+}
+
+// UpstreamOption configures NewUpstream.
+type UpstreamOption func(*upstreamConfig)
+
+type upstreamConfig struct {
+	wrap func(http.Handler) http.Handler
+}
+
+// WithMiddleware puts wrap in front of the registry (inside the request log), for example
+// internal/fault's Injector.
+func WithMiddleware(wrap func(http.Handler) http.Handler) UpstreamOption {
+	return func(c *upstreamConfig) { c.wrap = wrap }
+}
+
+// NewUpstream starts an upstream registry with the referrers API enabled. It is closed when
+// the test ends.
+func NewUpstream(t testing.TB, opts ...UpstreamOption) *Upstream {
+	t.Helper()
+	var cfg upstreamConfig
+	for _, o := range opts {
+		o(&cfg)
+	}
+	var h http.Handler = registry.New(
+		registry.Logger(log.New(io.Discard, "", 0)),
+		registry.WithReferrersSupport(true),
+	)
+	if cfg.wrap != nil {
+		h = cfg.wrap(h)
+	}
+	u := &Upstream{t: t, handler: h, addr: "127.0.0.1:0"}
+	u.Start()
+	t.Cleanup(u.Stop)
+	return u
+}
+
+// URL is the upstream's endpoint, e.g. http://127.0.0.1:40123; it stays the same across
+// Stop and Start.
+func (u *Upstream) URL() string { return "http://" + u.addr }
+
+// Host is the upstream's host:port.
+func (u *Upstream) Host() string { return u.addr }
+
+// Flag is the node-mirror --upstream value that makes this upstream registry name.
+func (u *Upstream) Flag(name string) string { return name + "=" + u.URL() }
+
+// Start serves again after Stop, on the same address and with the same content.
+func (u *Upstream) Start() {
+	u.t.Helper()
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.srv != nil {
+		return
+	}
+	ln, err := listenRetry(u.addr)
+	if err != nil {
+		u.t.Fatalf("upstream: listen on %s: %v", u.addr, err)
+	}
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(u.serve))
+	srv.Listener.Close()
+	srv.Listener = ln
+	srv.Start()
+	u.srv = srv
+	u.addr = ln.Addr().String()
+}
+
+// Stop closes the listener and every open connection: from now on connecting to the
+// upstream is refused, the way an unreachable registry looks to the mirror.
+func (u *Upstream) Stop() {
+	u.mu.Lock()
+	srv := u.srv
+	u.srv = nil
+	u.mu.Unlock()
+	if srv == nil {
+		return
+	}
+	srv.CloseClientConnections()
+	srv.Close()
+}
+
+// listenRetry binds addr, retrying for a while: a port just released by Stop can be briefly
+// busy.
+func listenRetry(addr string) (net.Listener, error) {
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		ln, err := net.Listen("tcp", addr)
+		if err == nil || !errors.Is(err, syscall.EADDRINUSE) || time.Now().After(deadline) {
+			return ln, err
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func (u *Upstream) serve(w http.ResponseWriter, r *http.Request) {
+	if r.Header.Get(seedHeader) != "" {
+		u.handler.ServeHTTP(w, r)
+		return
+	}
+	u.mu.Lock()
+	i := len(u.reqs)
+	u.reqs = append(u.reqs, Request{Method: r.Method, Path: r.URL.Path, Query: r.URL.RawQuery})
+	u.mu.Unlock()
+	sw := &statusWriter{ResponseWriter: w}
+	u.handler.ServeHTTP(sw, r)
+	u.mu.Lock()
+	u.reqs[i].Status = sw.status()
+	u.mu.Unlock()
+}
+
+type statusWriter struct {
+	http.ResponseWriter
+	code int
+}
+
+func (w *statusWriter) WriteHeader(code int) {
+	if w.code == 0 {
+		w.code = code
+	}
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *statusWriter) Write(b []byte) (int, error) {
+	if w.code == 0 {
+		w.code = http.StatusOK
+	}
+	return w.ResponseWriter.Write(b)
+}
+
+func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+func (w *statusWriter) status() int {
+	if w.code == 0 {
+		return http.StatusOK
+	}
+	return w.code
+}
+
+// Requests returns every request received so far (push helpers excluded), in order.
+func (u *Upstream) Requests() []Request {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return append([]Request(nil), u.reqs...)
+}
+
+// ResetRequests forgets the requests received so far.
+func (u *Upstream) ResetRequests() {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	u.reqs = nil
+}
+
+// Count is how many requests with method (any when empty) had a path ending in suffix.
+func (u *Upstream) Count(method, suffix string) int {
+	n := 0
+	for _, r := range u.Requests() {
+		if (method == "" || r.Method == method) && strings.HasSuffix(r.Path, suffix) {
+			n++
+		}
+	}
+	return n
+}
+
+// BlobGETs is how many times a blob was downloaded (GET, not HEAD) from any repository.
+func (u *Upstream) BlobGETs(d v1.Hash) int {
+	return u.Count(http.MethodGet, "/blobs/"+d.String())
+}
+
+// RequestLog is the request log as text, one request a line, for failure messages.
+func (u *Upstream) RequestLog() string {
+	var b strings.Builder
+	for _, r := range u.Requests() {
+		q := ""
+		if r.Query != "" {
+			q = "?" + r.Query
+		}
+		fmt.Fprintf(&b, "%s %s%s -> %d\n", r.Method, r.Path, q, r.Status)
+	}
+	return b.String()
+}
+
+// Ref names repo:tag (or repo@digest) on this upstream, for pushes of the test's own.
+func (u *Upstream) Ref(repoAndRef string) name.Reference {
+	u.t.Helper()
+	ref, err := name.ParseReference(u.addr+"/"+repoAndRef, name.Insecure, name.StrictValidation)
+	if err != nil {
+		u.t.Fatalf("upstream: reference %q: %v", repoAndRef, err)
+	}
+	return ref
+}
+
+// RemoteOptions are the go-containerregistry options that push to this upstream without
+// the requests showing in the request log.
+func (u *Upstream) RemoteOptions() []remote.Option {
+	return []remote.Option{remote.WithTransport(seedTransport{http.DefaultTransport})}
+}
+
+type seedTransport struct{ next http.RoundTripper }
+
+func (s seedTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	r = r.Clone(r.Context())
+	r.Header.Set(seedHeader, "1")
+	return s.next.RoundTrip(r)
+}
+
+// Image is an image pushed to the upstream.
+type Image struct {
+	Repo, Tag string
+	Image     v1.Image
+	MediaType types.MediaType
+	Digest    v1.Hash // of the manifest
+	Size      int64   // of the manifest
+	Config    v1.Hash
+	Layers    []v1.Hash
+}
+
+// Blobs are the config and the layers.
+func (i Image) Blobs() []v1.Hash { return append([]v1.Hash{i.Config}, i.Layers...) }
+
+// Digests is everything a full pull of the image fetches: manifest, config and layers.
+func (i Image) Digests() []v1.Hash { return append([]v1.Hash{i.Digest}, i.Blobs()...) }
+
+// Index is a multi-platform index pushed to the upstream.
+type Index struct {
+	Repo, Tag string
+	Index     v1.ImageIndex
+	MediaType types.MediaType
+	Digest    v1.Hash
+	// Platforms maps "os/arch" to the image for it, which is also pushed (by digest).
+	Platforms map[string]Image
+}
+
+// Digests is everything a pull of all platforms fetches.
+func (x Index) Digests() []v1.Hash {
+	ds := []v1.Hash{x.Digest}
+	for _, img := range x.Platforms {
+		ds = append(ds, img.Digests()...)
+	}
+	return ds
+}
+
+// PlatformDigests is what a pull of one platform fetches: the index and that platform's
+// image.
+func (x Index) PlatformDigests(platform string) []v1.Hash {
+	return append([]v1.Hash{x.Digest}, x.Platforms[platform].Digests()...)
+}
+
+// Push writes img to repo:tag.
+func (u *Upstream) Push(repo, tag string, img v1.Image) Image {
+	u.t.Helper()
+	if err := remote.Write(u.Ref(repo+":"+tag), img, u.RemoteOptions()...); err != nil {
+		u.t.Fatalf("upstream: push %s:%s: %v", repo, tag, err)
+	}
+	return describe(u.t, repo, tag, img)
+}
+
+// PushRandomImage pushes a random Docker schema 2 image of layers layers of size bytes each
+// (compressed sizes differ a little) to repo:tag.
+func (u *Upstream) PushRandomImage(repo, tag string, layers int, size int64) Image {
+	u.t.Helper()
+	img, err := random.Image(size, int64(layers))
+	if err != nil {
+		u.t.Fatalf("upstream: random image: %v", err)
+	}
+	return u.Push(repo, tag, img)
+}
+
+// PushRandomIndex pushes an OCI image index under repo:tag with one random OCI image
+// (layers layers of size bytes) per platform; with no platforms, linux/amd64 and linux/arm64.
+func (u *Upstream) PushRandomIndex(repo, tag string, layers int, size int64, platforms ...string) Index {
+	u.t.Helper()
+	if len(platforms) == 0 {
+		platforms = []string{"linux/amd64", "linux/arm64"}
+	}
+	idx := mutate.IndexMediaType(empty.Index, types.OCIImageIndex)
+	out := Index{Repo: repo, Tag: tag, Platforms: map[string]Image{}}
+	for _, p := range platforms {
+		plat, err := v1.ParsePlatform(p)
+		if err != nil {
+			u.t.Fatalf("upstream: platform %q: %v", p, err)
+		}
+		img := randomOCIImage(u.t, *plat, layers, size)
+		d, err := img.Digest()
+		if err != nil {
+			u.t.Fatal(err)
+		}
+		if err := remote.Write(u.Ref(repo+"@"+d.String()), img, u.RemoteOptions()...); err != nil {
+			u.t.Fatalf("upstream: push %s@%s: %v", repo, d, err)
+		}
+		out.Platforms[p] = describe(u.t, repo, "", img)
+		idx = mutate.AppendManifests(idx, mutate.IndexAddendum{
+			Add:        img,
+			Descriptor: v1.Descriptor{Platform: plat},
+		})
+	}
+	if err := remote.WriteIndex(u.Ref(repo+":"+tag), idx, u.RemoteOptions()...); err != nil {
+		u.t.Fatalf("upstream: push index %s:%s: %v", repo, tag, err)
+	}
+	var err error
+	out.Index = idx
+	if out.Digest, err = idx.Digest(); err != nil {
+		u.t.Fatal(err)
+	}
+	if out.MediaType, err = idx.MediaType(); err != nil {
+		u.t.Fatal(err)
+	}
+	return out
+}
+
+// randomOCIImage is an OCI image (manifest, config and layer media types all OCI) whose
+// config names platform.
+func randomOCIImage(t testing.TB, platform v1.Platform, layers int, size int64) v1.Image {
+	t.Helper()
+	img := mutate.MediaType(empty.Image, types.OCIManifestSchema1)
+	img = mutate.ConfigMediaType(img, types.OCIConfigJSON)
+	for range layers {
+		l, err := random.Layer(size, types.OCILayer)
+		if err != nil {
+			t.Fatalf("random layer: %v", err)
+		}
+		if img, err = mutate.AppendLayers(img, l); err != nil {
+			t.Fatalf("append layer: %v", err)
+		}
+	}
+	cf, err := img.ConfigFile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cf = cf.DeepCopy()
+	cf.OS, cf.Architecture, cf.Variant = platform.OS, platform.Architecture, platform.Variant
+	if img, err = mutate.ConfigFile(img, cf); err != nil {
+		t.Fatal(err)
+	}
+	return img
+}
+
+func describe(t testing.TB, repo, tag string, img v1.Image) Image {
+	t.Helper()
+	out := Image{Repo: repo, Tag: tag, Image: img}
+	var err error
+	if out.Digest, err = img.Digest(); err != nil {
+		t.Fatal(err)
+	}
+	if out.Size, err = img.Size(); err != nil {
+		t.Fatal(err)
+	}
+	if out.MediaType, err = img.MediaType(); err != nil {
+		t.Fatal(err)
+	}
+	if out.Config, err = img.ConfigName(); err != nil {
+		t.Fatal(err)
+	}
+	layers, err := img.Layers()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range layers {
+		d, err := l.Digest()
+		if err != nil {
+			t.Fatal(err)
+		}
+		out.Layers = append(out.Layers, d)
+	}
+	return out
+}
