@@ -16,8 +16,8 @@ import (
 const SkopeoBin = "/usr/bin/skopeo"
 
 // Skopeo runs skopeo with a trust policy of the test's own and a registries.conf of the
-// test's own (registriesConf, its text; empty means no registries at all), so nothing in
-// /etc/containers changes what the test does. The test fails, with the install command,
+// test's own (registriesConf, its text; empty means no registries at all), so the host's
+// /etc/containers changes little of what the test does. The test fails, with the install command,
 // when skopeo is missing.
 func Skopeo(t testing.TB, registriesConf string, args ...string) (string, error) {
 	t.Helper()
@@ -35,13 +35,12 @@ func Skopeo(t testing.TB, registriesConf string, args ...string) (string, error)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	full := append([]string{"--policy", policy, "--tmpdir", dir}, args...)
+	// --registries-conf is hidden in skopeo 1.9's help, and it ignores
+	// CONTAINERS_REGISTRIES_CONF. Drop-ins in /etc/containers/registries.conf.d still apply.
+	full := append([]string{"--policy", policy, "--registries-conf", conf, "--tmpdir", dir}, args...)
 	cmd := exec.CommandContext(ctx, SkopeoBin, full...)
-	cmd.Env = append(os.Environ(),
-		"CONTAINERS_REGISTRIES_CONF="+conf,
-		// No credentials of the host's user: the mirror is anonymous.
-		"REGISTRY_AUTH_FILE="+filepath.Join(dir, "auth.json"),
-	)
+	// No credentials of the host's user: the mirror is anonymous.
+	cmd.Env = append(os.Environ(), "REGISTRY_AUTH_FILE="+filepath.Join(dir, "auth.json"))
 	var out bytes.Buffer
 	cmd.Stdout = &out
 	cmd.Stderr = &out

@@ -6,6 +6,8 @@
 package testenv
 
 import (
+	"bytes"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -276,7 +278,7 @@ func (i Image) Digests() []v1.Hash { return append([]v1.Hash{i.Digest}, i.Blobs(
 // Index is a multi-platform index pushed to the upstream.
 type Index struct {
 	Repo, Tag string
-	Index     v1.ImageIndex
+	Manifest  []byte // the index, as pushed
 	MediaType types.MediaType
 	Digest    v1.Hash
 	// Platforms maps "os/arch" to the image for it, which is also pushed (by digest).
@@ -320,45 +322,63 @@ func (u *Upstream) PushRandomImage(repo, tag string, layers int, size int64) Ima
 
 // PushRandomIndex pushes an OCI image index under repo:tag with one random OCI image
 // (layers layers of size bytes) per platform; with no platforms, linux/amd64 and linux/arm64.
+// The index is written by hand, as registries serve them: descriptors carry media type,
+// size, digest and platform, and no artifactType (which go-containerregistry's
+// mutate.AppendManifests adds, and which skopeo 1.9 cannot copy unchanged).
 func (u *Upstream) PushRandomIndex(repo, tag string, layers int, size int64, platforms ...string) Index {
 	u.t.Helper()
 	if len(platforms) == 0 {
 		platforms = []string{"linux/amd64", "linux/arm64"}
 	}
-	idx := mutate.IndexMediaType(empty.Index, types.OCIImageIndex)
-	out := Index{Repo: repo, Tag: tag, Platforms: map[string]Image{}}
+	out := Index{Repo: repo, Tag: tag, MediaType: types.OCIImageIndex, Platforms: map[string]Image{}}
+	im := v1.IndexManifest{SchemaVersion: 2, MediaType: types.OCIImageIndex}
 	for _, p := range platforms {
 		plat, err := v1.ParsePlatform(p)
 		if err != nil {
 			u.t.Fatalf("upstream: platform %q: %v", p, err)
 		}
-		img := randomOCIImage(u.t, *plat, layers, size)
-		d, err := img.Digest()
-		if err != nil {
-			u.t.Fatal(err)
+		img := describe(u.t, repo, "", randomOCIImage(u.t, *plat, layers, size))
+		if err := remote.Write(u.Ref(repo+"@"+img.Digest.String()), img.Image, u.RemoteOptions()...); err != nil {
+			u.t.Fatalf("upstream: push %s@%s: %v", repo, img.Digest, err)
 		}
-		if err := remote.Write(u.Ref(repo+"@"+d.String()), img, u.RemoteOptions()...); err != nil {
-			u.t.Fatalf("upstream: push %s@%s: %v", repo, d, err)
-		}
-		out.Platforms[p] = describe(u.t, repo, "", img)
-		idx = mutate.AppendManifests(idx, mutate.IndexAddendum{
-			Add:        img,
-			Descriptor: v1.Descriptor{Platform: plat},
+		out.Platforms[p] = img
+		im.Manifests = append(im.Manifests, v1.Descriptor{
+			MediaType: img.MediaType, Size: img.Size, Digest: img.Digest, Platform: plat,
 		})
 	}
-	if err := remote.WriteIndex(u.Ref(repo+":"+tag), idx, u.RemoteOptions()...); err != nil {
-		u.t.Fatalf("upstream: push index %s:%s: %v", repo, tag, err)
-	}
-	var err error
-	out.Index = idx
-	if out.Digest, err = idx.Digest(); err != nil {
+	body, err := json.Marshal(im)
+	if err != nil {
 		u.t.Fatal(err)
 	}
-	if out.MediaType, err = idx.MediaType(); err != nil {
+	out.Manifest = body
+	out.Digest, _, err = v1.SHA256(bytes.NewReader(body))
+	if err != nil {
 		u.t.Fatal(err)
 	}
+	u.PushManifest(repo, tag, types.OCIImageIndex, body)
 	return out
 }
+
+// PushManifest writes a manifest of the test's own, byte for byte, to repo under ref (a
+// tag or the manifest's digest).
+func (u *Upstream) PushManifest(repo, ref string, mediaType types.MediaType, body []byte) {
+	u.t.Helper()
+	sep := ":"
+	if strings.Contains(ref, ":") {
+		sep = "@"
+	}
+	if err := remote.Put(u.Ref(repo+sep+ref), rawManifest{body, mediaType}, u.RemoteOptions()...); err != nil {
+		u.t.Fatalf("upstream: put manifest %s%s%s: %v", repo, sep, ref, err)
+	}
+}
+
+type rawManifest struct {
+	body      []byte
+	mediaType types.MediaType
+}
+
+func (m rawManifest) RawManifest() ([]byte, error)        { return m.body, nil }
+func (m rawManifest) MediaType() (types.MediaType, error) { return m.mediaType, nil }
 
 // randomOCIImage is an OCI image (manifest, config and layer media types all OCI) whose
 // config names platform.
