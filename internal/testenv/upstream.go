@@ -28,6 +28,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/random"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/google/go-containerregistry/pkg/v1/static"
 	"github.com/google/go-containerregistry/pkg/v1/types"
 )
 
@@ -370,6 +371,20 @@ func (u *Upstream) PushManifest(repo, ref string, mediaType types.MediaType, bod
 	if err := remote.Put(u.Ref(repo+sep+ref), rawManifest{body, mediaType}, u.RemoteOptions()...); err != nil {
 		u.t.Fatalf("upstream: put manifest %s%s%s: %v", repo, sep, ref, err)
 	}
+}
+
+// PushBlob uploads data as a blob to repo and returns its digest.
+func (u *Upstream) PushBlob(repo string, data []byte) v1.Hash {
+	u.t.Helper()
+	l := static.NewLayer(data, types.OCILayer)
+	if err := remote.WriteLayer(u.Ref(repo+":unused").Context(), l, u.RemoteOptions()...); err != nil {
+		u.t.Fatalf("upstream: push blob to %s: %v", repo, err)
+	}
+	d, err := l.Digest()
+	if err != nil {
+		u.t.Fatal(err)
+	}
+	return d
 }
 
 type rawManifest struct {
