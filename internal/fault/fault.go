@@ -189,7 +189,7 @@ func (in *Injector) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Length", strconv.Itoa(len(body)))
 		w.WriteHeader(http.StatusOK)
 		w.Write(body[:len(body)/4])
-		w.(http.Flusher).Flush()
+		http.NewResponseController(w).Flush()
 		in.stall(r)
 	case Trickle:
 		w.Header().Set("Content-Length", strconv.Itoa(len(body)))
@@ -197,7 +197,7 @@ func (in *Injector) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		step := max(len(body)/50, 1)
 		for i := 0; i < len(body); i += step {
 			w.Write(body[i:min(i+step, len(body))])
-			w.(http.Flusher).Flush()
+			http.NewResponseController(w).Flush()
 			select {
 			case <-time.After(10 * time.Millisecond):
 			case <-r.Context().Done():

@@ -171,6 +171,9 @@ func (m *Mirror) Kill() {
 	<-m.done
 }
 
+// Signal sends sig to the process (SIGHUP reloads its config).
+func (m *Mirror) Signal(sig os.Signal) error { return m.cmd.Process.Signal(sig) }
+
 // Exited reports whether the process has ended.
 func (m *Mirror) Exited() bool {
 	select {

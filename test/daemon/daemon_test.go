@@ -10,133 +10,23 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"log"
-	"net"
 	"net/http"
-	"net/http/httptest"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/name"
-	"github.com/google/go-containerregistry/pkg/registry"
-	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/random"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/validate"
 	bolt "go.etcd.io/bbolt"
 
 	"github.com/node-mirror/node-mirror/internal/fault"
+	"github.com/node-mirror/node-mirror/internal/testenv"
 )
-
-type upstream struct {
-	srv   *httptest.Server
-	fault *fault.Injector
-}
-
-func newUpstream(t *testing.T) *upstream {
-	t.Helper()
-	reg := registry.New(registry.Logger(log.New(io.Discard, "", 0)))
-	u := &upstream{fault: fault.New(reg)}
-	u.srv = httptest.NewServer(u.fault)
-	t.Cleanup(u.srv.Close)
-	t.Cleanup(u.fault.Close)
-	return u
-}
-
-func (u *upstream) push(t *testing.T, repo string, img v1.Image) {
-	t.Helper()
-	ref, err := name.ParseReference(strings.TrimPrefix(u.srv.URL, "http://")+"/"+repo, name.Insecure)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := remote.Write(ref, img); err != nil {
-		t.Fatal(err)
-	}
-}
-
-// daemon is one node-mirror process.
-type daemon struct {
-	cmd  *exec.Cmd
-	addr string
-	done chan struct{}
-}
-
-func binary(t *testing.T) string {
-	t.Helper()
-	bin := os.Getenv("NODE_MIRROR_BIN")
-	if bin == "" {
-		t.Fatal("NODE_MIRROR_BIN is not set: run these tests with `make e2e`, which builds the daemon")
-	}
-	return bin
-}
-
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
-}
-
-// start runs node-mirror serve with args on a fresh loopback port and waits for /readyz.
-func start(t *testing.T, args ...string) *daemon {
-	t.Helper()
-	addr := freeAddr(t)
-	cmd := exec.Command(binary(t), append([]string{"serve", "--listen", addr, "--log-level", "warn"}, args...)...)
-	cmd.Stdout = os.Stderr
-	cmd.Stderr = os.Stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	d := &daemon{cmd: cmd, addr: addr, done: make(chan struct{})}
-	go func() {
-		cmd.Wait()
-		close(d.done)
-	}()
-	t.Cleanup(func() { d.stop(syscall.SIGKILL) })
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		resp, err := http.Get("http://" + addr + "/readyz")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == 200 {
-				return d
-			}
-		}
-		select {
-		case <-d.done:
-			t.Fatalf("node-mirror exited before it was ready: %v", cmd.ProcessState)
-		default:
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("node-mirror did not become ready")
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
-func (d *daemon) stop(sig syscall.Signal) {
-	select {
-	case <-d.done:
-		return
-	default:
-	}
-	d.cmd.Process.Signal(sig)
-	select {
-	case <-d.done:
-	case <-time.After(30 * time.Second):
-		d.cmd.Process.Kill()
-		<-d.done
-	}
-}
 
 func pull(addr, repo string) error {
 	ref, err := name.ParseReference(addr+"/"+repo, name.Insecure)
@@ -210,36 +100,32 @@ func checkDataDir(t *testing.T, dataDir string) (blobs int) {
 // TestCrashMidDownloadThenRestart kills the daemon with SIGKILL while many downloads are
 // in flight, checks the data dir, restarts on it, and pulls everything.
 func TestCrashMidDownloadThenRestart(t *testing.T) {
-	up := newUpstream(t)
+	faults, up := faultyUpstream(t)
 	const images = 8
 	for i := 0; i < images; i++ {
-		img, err := random.Image(1<<20, 3)
-		if err != nil {
-			t.Fatal(err)
-		}
-		up.push(t, fmt.Sprintf("library/img%d:v1", i), img)
+		up.PushRandomImage(fmt.Sprintf("library/img%d", i), "v1", 3, 1<<20)
 	}
-	dataDir := t.TempDir()
-	args := []string{"--data-dir", dataDir, "--upstream", "docker.io=" + up.srv.URL}
-	d := start(t, args...)
+	opts := testenv.MirrorOptions{DataDir: t.TempDir(), Upstreams: []string{up.Flag("docker.io")}, LogLevel: "warn"}
+	dataDir := opts.DataDir
+	d := testenv.StartMirror(t, opts)
 
 	// Slow blob bodies so the kill lands mid-download.
-	up.fault.Set(fault.Rule{Kind: fault.Trickle, Method: http.MethodGet, PathContains: "/blobs/"})
+	faults.Set(fault.Rule{Kind: fault.Trickle, Method: http.MethodGet, PathContains: "/blobs/"})
 	var wg sync.WaitGroup
 	for c := 0; c < 32; c++ {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			pull(d.addr, fmt.Sprintf("library/img%d:v1", c%images)) // fails when killed: expected
+			pull(d.Addr, fmt.Sprintf("library/img%d:v1", c%images)) // fails when killed: expected
 		}()
 	}
-	for up.fault.Fired(fault.Trickle) < images {
+	for faults.Fired(fault.Trickle) < images {
 		time.Sleep(10 * time.Millisecond)
 	}
 	time.Sleep(150 * time.Millisecond)
-	d.stop(syscall.SIGKILL)
+	d.Kill()
 	wg.Wait()
-	up.fault.Clear()
+	faults.Clear()
 
 	ingests, _ := os.ReadDir(filepath.Join(dataDir, "content", "ingest"))
 	blobs := checkDataDir(t, dataDir)
@@ -248,13 +134,13 @@ func TestCrashMidDownloadThenRestart(t *testing.T) {
 		t.Fatal("no download was in flight at the kill; the test proves nothing")
 	}
 
-	d = start(t, args...)
+	d = testenv.StartMirror(t, opts)
 	for i := 0; i < images; i++ {
-		if err := pull(d.addr, fmt.Sprintf("library/img%d:v1", i)); err != nil {
+		if err := pull(d.Addr, fmt.Sprintf("library/img%d:v1", i)); err != nil {
 			t.Fatalf("pull img%d after restart: %v", i, err)
 		}
 	}
-	d.stop(syscall.SIGTERM)
+	d.Stop()
 	if n := checkDataDir(t, dataDir); n < images*4 {
 		t.Fatalf("%d blobs after pulling %d images, want at least %d", n, images, images*4)
 	}
@@ -263,14 +149,14 @@ func TestCrashMidDownloadThenRestart(t *testing.T) {
 // TestReloadAddsRegistryWhileDownloadStreams changes the config file, sends SIGHUP, and
 // checks the new registry is served while a download started before keeps streaming.
 func TestReloadAddsRegistryWhileDownloadStreams(t *testing.T) {
-	upA, upB := newUpstream(t), newUpstream(t)
+	faultsA, upA := faultyUpstream(t)
+	upB := testenv.NewUpstream(t)
 	big, err := random.Image(8<<20, 1)
 	if err != nil {
 		t.Fatal(err)
 	}
-	upA.push(t, "library/big:v1", big)
-	small, _ := random.Image(1024, 1)
-	upB.push(t, "team/app:v1", small)
+	upA.Push("library/big", "v1", big)
+	upB.PushRandomImage("team/app", "v1", 1, 1024)
 
 	cfg := filepath.Join(t.TempDir(), "config.toml")
 	write := func(body string) {
@@ -278,16 +164,16 @@ func TestReloadAddsRegistryWhileDownloadStreams(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	write(fmt.Sprintf("[[registry]]\nname = \"docker.io\"\nendpoints = [%q]\n", upA.srv.URL))
-	d := start(t, "--config", cfg, "--data-dir", t.TempDir())
+	write(fmt.Sprintf("[[registry]]\nname = \"docker.io\"\nendpoints = [%q]\n", upA.URL()))
+	d := testenv.StartMirror(t, testenv.MirrorOptions{LogLevel: "warn", Args: []string{"--config", cfg}})
 
 	layers, _ := big.Layers()
 	ld, _ := layers[0].Digest()
 	want, _ := io.ReadAll(must(layers[0].Compressed()))
-	upA.fault.Set(fault.Rule{Kind: fault.Trickle, Method: http.MethodGet, PathContains: ld.String()})
+	faultsA.Set(fault.Rule{Kind: fault.Trickle, Method: http.MethodGet, PathContains: ld.String()})
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+d.addr+"/v2/library/big/blobs/"+ld.String(), nil)
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, d.URL+"/v2/library/big/blobs/"+ld.String(), nil)
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatal(err)
@@ -299,23 +185,23 @@ func TestReloadAddsRegistryWhileDownloadStreams(t *testing.T) {
 	}
 
 	newRegistry := "/v2/team/app/manifests/v1?ns=ghcr.io"
-	if r, err := http.Get("http://" + d.addr + newRegistry); err != nil || r.StatusCode != http.StatusNotFound {
+	if r, err := http.Get(d.URL + newRegistry); err != nil || r.StatusCode != http.StatusNotFound {
 		t.Fatalf("before reload ghcr.io should be unknown: %v %v", r, err)
 	}
 	// A broken config is rejected and the running one stays.
 	write("[[registry]\n")
-	d.cmd.Process.Signal(syscall.SIGHUP)
+	d.Signal(syscall.SIGHUP)
 	time.Sleep(300 * time.Millisecond)
-	if r, err := http.Get("http://" + d.addr + "/v2/"); err != nil || r.StatusCode != 200 {
+	if r, err := http.Get(d.URL + "/v2/"); err != nil || r.StatusCode != 200 {
 		t.Fatalf("after a broken reload: %v %v", r, err)
 	}
 
 	write(fmt.Sprintf("[[registry]]\nname = \"docker.io\"\nendpoints = [%q]\n\n[[registry]]\nname = \"ghcr.io\"\nendpoints = [%q]\n",
-		upA.srv.URL, upB.srv.URL))
-	d.cmd.Process.Signal(syscall.SIGHUP)
+		upA.URL(), upB.URL()))
+	d.Signal(syscall.SIGHUP)
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		r, err := http.Get("http://" + d.addr + newRegistry)
+		r, err := http.Get(d.URL + newRegistry)
 		if err == nil {
 			r.Body.Close()
 			if r.StatusCode == 200 {
@@ -334,7 +220,18 @@ func TestReloadAddsRegistryWhileDownloadStreams(t *testing.T) {
 	if !bytes.Equal(append(first, rest...), want) {
 		t.Fatal("in-flight download delivered wrong bytes")
 	}
-	d.stop(syscall.SIGTERM)
+	d.Stop()
+}
+
+// faultyUpstream is a test upstream with a fault injector in front of its registry.
+func faultyUpstream(t *testing.T) (*fault.Injector, *testenv.Upstream) {
+	var in *fault.Injector
+	up := testenv.NewUpstream(t, testenv.WithMiddleware(func(h http.Handler) http.Handler {
+		in = fault.New(h)
+		return in
+	}))
+	t.Cleanup(in.Close)
+	return in, up
 }
 
 func must(rc io.ReadCloser, err error) io.ReadCloser {
