@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/url"
 	"os"
+	"strconv"
 	"strings"
 	"time"
 
@@ -36,6 +37,94 @@ type Cache struct {
 	ListTTL Duration `toml:"list_ttl"`
 	// MaxManifestSize refuses larger manifests; 4 MiB is what registries accept.
 	MaxManifestSize int64 `toml:"max_manifest_size"`
+	// MaxSize bounds the cache ("20GiB", or "10%" of the data dir's filesystem); least
+	// recently used content is evicted beyond it. Empty: no bound.
+	MaxSize Size `toml:"max_size"`
+	// MinFree keeps this much of the filesystem free ("5GiB" or "10%"); the cache evicts,
+	// then passes content through uncached, rather than fill the disk.
+	MinFree Size `toml:"min_free"`
+	// OrphanGrace is how long a download interrupted by a crash is kept to be resumed.
+	OrphanGrace Duration `toml:"orphan_grace"`
+	// EagerFetch is how many layers of a requested image are fetched ahead of the engine
+	// at once; 0 turns it off.
+	EagerFetch *int `toml:"eager_fetch"`
+}
+
+// Size is a byte count ("20GiB", "512MB", "1000") or a percentage of the data dir's
+// filesystem ("10%"). The zero value means unset.
+type Size struct {
+	Bytes   int64
+	Percent float64
+}
+
+// IsZero reports an unset size.
+func (s Size) IsZero() bool { return s.Bytes == 0 && s.Percent == 0 }
+
+func (s Size) String() string {
+	if s.Percent > 0 {
+		return strconv.FormatFloat(s.Percent, 'f', -1, 64) + "%"
+	}
+	return FormatBytes(s.Bytes)
+}
+
+var sizeUnits = []struct {
+	suffix string
+	mult   float64
+}{
+	{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"GiB", 1 << 30}, {"TiB", 1 << 40},
+	{"KB", 1e3}, {"MB", 1e6}, {"GB", 1e9}, {"TB", 1e12},
+	{"K", 1 << 10}, {"M", 1 << 20}, {"G", 1 << 30}, {"T", 1 << 40}, {"B", 1},
+}
+
+// ParseSize reads a Size.
+func ParseSize(v string) (Size, error) {
+	v = strings.TrimSpace(v)
+	if p, ok := strings.CutSuffix(v, "%"); ok {
+		f, err := strconv.ParseFloat(strings.TrimSpace(p), 64)
+		if err != nil || f <= 0 || f > 100 {
+			return Size{}, fmt.Errorf("size %q: want a percentage in (0, 100]", v)
+		}
+		return Size{Percent: f}, nil
+	}
+	mult := 1.0
+	for _, u := range sizeUnits {
+		if n, ok := strings.CutSuffix(v, u.suffix); ok {
+			v, mult = strings.TrimSpace(n), u.mult
+			break
+		}
+	}
+	f, err := strconv.ParseFloat(v, 64)
+	if err != nil || f < 0 {
+		return Size{}, fmt.Errorf("size %q: want bytes such as 20GiB, 512MB or 1000, or a percentage such as 10%%", v)
+	}
+	return Size{Bytes: int64(f * mult)}, nil
+}
+
+// UnmarshalText parses a Size.
+func (s *Size) UnmarshalText(b []byte) error {
+	v, err := ParseSize(string(b))
+	if err != nil {
+		return err
+	}
+	*s = v
+	return nil
+}
+
+// MarshalText writes a Size.
+func (s Size) MarshalText() ([]byte, error) { return []byte(s.String()), nil }
+
+// FormatBytes writes n in binary units ("1.5 GiB").
+func FormatBytes(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := int64(unit), 0
+	for m := n / unit; m >= unit && exp < 4; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTP"[exp])
 }
 
 // Registry is one upstream registry as clients name it, and where to reach it.
@@ -75,6 +164,8 @@ func Default() Config {
 			TagFreshness:    Duration{10 * time.Second},
 			ListTTL:         Duration{30 * time.Second},
 			MaxManifestSize: 4 << 20,
+			OrphanGrace:     Duration{time.Hour},
+			EagerFetch:      ptr(4),
 		},
 	}
 	for _, name := range DefaultRegistries {
@@ -82,6 +173,8 @@ func Default() Config {
 	}
 	return c
 }
+
+func ptr[T any](v T) *T { return &v }
 
 // Load reads a TOML file over the defaults. Unknown keys are errors, so typos do not
 // silently fall back to defaults.
@@ -131,6 +224,18 @@ func merge(c *Config, f Config) {
 	if f.Cache.MaxManifestSize != 0 {
 		c.Cache.MaxManifestSize = f.Cache.MaxManifestSize
 	}
+	if !f.Cache.MaxSize.IsZero() {
+		c.Cache.MaxSize = f.Cache.MaxSize
+	}
+	if !f.Cache.MinFree.IsZero() {
+		c.Cache.MinFree = f.Cache.MinFree
+	}
+	if f.Cache.OrphanGrace.Duration != 0 {
+		c.Cache.OrphanGrace = f.Cache.OrphanGrace
+	}
+	if f.Cache.EagerFetch != nil {
+		c.Cache.EagerFetch = f.Cache.EagerFetch
+	}
 	if len(f.Registries) > 0 {
 		c.Registries = f.Registries
 	}
@@ -171,6 +276,9 @@ func (c *Config) Validate() error {
 	}
 	if c.Cache.MaxManifestSize <= 0 {
 		return errors.New("cache.max_manifest_size must be positive")
+	}
+	if c.Cache.EagerFetch != nil && *c.Cache.EagerFetch < 0 {
+		return errors.New("cache.eager_fetch must be 0 (off) or more")
 	}
 	seen := map[string]bool{}
 	for i := range c.Registries {

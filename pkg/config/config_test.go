@@ -119,3 +119,40 @@ func TestSetUpstreams(t *testing.T) {
 		t.Fatalf("default registry %q is not configured", c.DefaultRegistry)
 	}
 }
+
+func TestCacheBudget(t *testing.T) {
+	p := write(t, `
+[cache]
+max_size = "20GiB"
+min_free = "10%"
+orphan_grace = "30m"
+eager_fetch = 0
+`)
+	c, err := Load(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Cache.MaxSize != (Size{Bytes: 20 << 30}) || c.Cache.MinFree != (Size{Percent: 10}) ||
+		c.Cache.OrphanGrace.Duration != 30*time.Minute || *c.Cache.EagerFetch != 0 {
+		t.Fatalf("cache: %+v", c.Cache)
+	}
+	if d := Default(); !d.Cache.MaxSize.IsZero() || *d.Cache.EagerFetch != 4 {
+		t.Fatalf("defaults: %+v", d.Cache)
+	}
+	for in, want := range map[string]Size{
+		"1000": {Bytes: 1000}, "512MB": {Bytes: 512e6}, "1.5GiB": {Bytes: 3 << 29}, "4 MiB": {Bytes: 4 << 20},
+		"10%": {Percent: 10}, "2.5%": {Percent: 2.5}, "7K": {Bytes: 7 << 10},
+	} {
+		if got, err := ParseSize(in); err != nil || got != want {
+			t.Errorf("ParseSize(%q) = %+v, %v; want %+v", in, got, err, want)
+		}
+	}
+	for _, bad := range []string{"", "lots", "-1GiB", "0%", "101%", "GiB"} {
+		if _, err := ParseSize(bad); err == nil {
+			t.Errorf("ParseSize(%q) accepted", bad)
+		}
+	}
+	if _, err := Load(write(t, "[cache]\nmax_size = \"big\"\n")); err == nil || !strings.Contains(err.Error(), "big") {
+		t.Errorf("bad max_size: %v", err)
+	}
+}

@@ -28,6 +28,7 @@ type BlobMeta struct {
 	Size       int64    `json:"size"`
 	Repos      []string `json:"repos,omitempty"` // "<registry>/<repo>" it was seen in
 	LastAccess int64    `json:"lastAccess"`      // unix seconds
+	Hits       int64    `json:"hits,omitempty"`  // requests answered from the store
 }
 
 func (s *Store) initIndex() error {
@@ -99,6 +100,11 @@ func (s *Store) BlobMeta(dgst digest.Digest) (BlobMeta, bool, error) {
 // RecordBlob notes a blob's media type and a repository it was seen in. It writes only
 // when something is new, so the hot path of repeated hits stays read-only.
 func (s *Store) RecordBlob(dgst digest.Digest, mediaType string, size int64, repo string) error {
+	s.mu.Lock()
+	if _, ok := s.lastUse[dgst]; !ok {
+		s.lastUse[dgst] = time.Now()
+	}
+	s.mu.Unlock()
 	m, found, err := s.BlobMeta(dgst)
 	if err != nil {
 		return err
@@ -134,11 +140,14 @@ func (s *Store) RecordBlob(dgst digest.Digest, mediaType string, size int64, rep
 	})
 }
 
-// Touch notes an access in memory; FlushAccess writes them in one transaction, so serving
-// a hit never waits for an fsync.
+// Touch notes an access (a hit) in memory; FlushAccess writes them in one transaction, so
+// serving a hit never waits for an fsync.
 func (s *Store) Touch(dgst digest.Digest) {
+	now := time.Now()
 	s.mu.Lock()
-	s.touched[dgst] = time.Now()
+	a := s.touched[dgst]
+	s.touched[dgst] = access{at: now, hits: a.hits + 1}
+	s.lastUse[dgst] = now
 	s.mu.Unlock()
 }
 
@@ -146,7 +155,7 @@ func (s *Store) Touch(dgst digest.Digest) {
 func (s *Store) FlushAccess() error {
 	s.mu.Lock()
 	pending := s.touched
-	s.touched = map[digest.Digest]time.Time{}
+	s.touched = map[digest.Digest]access{}
 	s.mu.Unlock()
 	if len(pending) == 0 {
 		return nil
@@ -155,12 +164,15 @@ func (s *Store) FlushAccess() error {
 		b := tx.Bucket(bucketBlobs)
 		for d, t := range pending {
 			var m BlobMeta
-			if v := b.Get([]byte(d)); v != nil {
-				if err := json.Unmarshal(v, &m); err != nil {
-					return err
-				}
+			v := b.Get([]byte(d))
+			if v == nil {
+				continue // evicted since: a meta without a blob would only be noise
 			}
-			m.LastAccess = t.Unix()
+			if err := json.Unmarshal(v, &m); err != nil {
+				return err
+			}
+			m.LastAccess = t.at.Unix()
+			m.Hits += t.hits
 			v, err := json.Marshal(m)
 			if err != nil {
 				return err

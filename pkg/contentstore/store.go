@@ -36,7 +36,28 @@ type Store struct {
 	lock *os.File
 
 	mu      sync.Mutex
-	touched map[digest.Digest]time.Time // last access, flushed to the index in batches
+	touched map[digest.Digest]access    // accesses not yet flushed to the index
+	lastUse map[digest.Digest]time.Time // every access and commit of this process, for LRU order
+	pins    map[digest.Digest]int       // blobs being served or downloaded: never evicted
+	active  map[string]bool             // ingest refs open in this process: never orphans
+
+	// Running usage, so a commit never walks the store. Guarded by mu.
+	used            int64 // bytes of committed blobs
+	entries         int   // committed blobs
+	reserved        int64 // bytes promised to downloads in flight
+	reservedWritten int64 // of which already written to their ingests
+	orphanBytes     int64 // bytes of ingests found at Open and not yet resumed or removed
+
+	budget      Budget
+	gcMu        sync.Mutex    // one collection at a time
+	wake        chan struct{} // tells the janitor a commit went over budget
+	evictedN    int64
+	evictedSize int64
+}
+
+type access struct {
+	at   time.Time
+	hits int64
 }
 
 // Open opens (creating if needed) the store under dataDir. Only one process may own a
@@ -55,6 +76,11 @@ func Open(dataDir string) (*Store, error) {
 	}
 	quietContainerdLog()
 	root := filepath.Join(dataDir, "content")
+	// containerd creates blobs/ on the first commit; walking it must work before that.
+	if err := os.MkdirAll(filepath.Join(root, "blobs"), 0o755); err != nil {
+		lock.Close()
+		return nil, fmt.Errorf("creating content store: %w", err)
+	}
 	cs, err := local.NewStore(root)
 	if err != nil {
 		lock.Close()
@@ -65,12 +91,21 @@ func Open(dataDir string) (*Store, error) {
 		lock.Close()
 		return nil, fmt.Errorf("opening index: %w", err)
 	}
-	s := &Store{root: root, cs: cs, db: db, lock: lock, touched: map[digest.Digest]time.Time{}}
+	s := &Store{
+		root: root, cs: cs, db: db, lock: lock,
+		touched: map[digest.Digest]access{}, lastUse: map[digest.Digest]time.Time{},
+		pins: map[digest.Digest]int{}, active: map[string]bool{},
+		wake: make(chan struct{}, 1),
+	}
 	if err := s.initIndex(); err != nil {
 		s.Close()
 		return nil, err
 	}
 	if err := s.checkIngestLayout(); err != nil {
+		s.Close()
+		return nil, err
+	}
+	if err := s.countUsage(); err != nil {
 		s.Close()
 		return nil, err
 	}
@@ -146,10 +181,28 @@ func (s *Store) ReadBlob(dgst digest.Digest) ([]byte, error) {
 // digest before the blob becomes visible. Content that is already there is not an error.
 func (s *Store) PutBlob(ctx context.Context, dgst digest.Digest, b []byte) error {
 	desc := ocispec.Descriptor{Digest: dgst, Size: int64(len(b))}
-	err := content.WriteBlob(ctx, s.cs, ingestRef(dgst), bytes.NewReader(b), desc)
-	if err != nil && !errdefs.IsAlreadyExists(err) {
+	ref := ingestRef(dgst)
+	w, err := content.OpenWriter(ctx, s.cs, content.WithRef(ref), content.WithDescriptor(desc))
+	if errdefs.IsAlreadyExists(err) {
+		return nil
+	}
+	if err != nil {
 		return fmt.Errorf("storing %s: %w", dgst, err)
 	}
+	defer w.Close()
+	if _, err := io.Copy(w, bytes.NewReader(b)); err != nil {
+		s.cs.Abort(ctx, ref)
+		return fmt.Errorf("storing %s: %w", dgst, err)
+	}
+	err = w.Commit(ctx, desc.Size, dgst)
+	if errdefs.IsAlreadyExists(err) {
+		return nil
+	}
+	if err != nil {
+		s.cs.Abort(ctx, ref)
+		return fmt.Errorf("storing %s: %w", dgst, err)
+	}
+	s.committed(dgst, desc.Size)
 	return nil
 }
 
@@ -185,6 +238,13 @@ func (s *Store) NewIngest(ctx context.Context, dgst digest.Digest, size int64) (
 		w.Close()
 		return nil, fmt.Errorf("opening ingest data for %s: %w", dgst, err)
 	}
+	s.mu.Lock()
+	s.active[ref] = true
+	if st.Offset > 0 {
+		// A crash's leftover, now owned by this download (and counted in its reservation).
+		s.orphanBytes = max(0, s.orphanBytes-st.Offset)
+	}
+	s.mu.Unlock()
 	return &Ingest{s: s, dgst: dgst, ref: ref, w: w, data: data, Offset: st.Offset}, nil
 }
 
@@ -199,20 +259,36 @@ func (in *Ingest) ReaderAt() io.ReaderAt { return in.data }
 // committed and the ingest is discarded.
 func (in *Ingest) Commit(ctx context.Context, size int64) error {
 	err := in.w.Commit(ctx, size, in.dgst)
-	if err != nil && !errdefs.IsAlreadyExists(err) {
+	if errdefs.IsAlreadyExists(err) {
+		in.s.inactive(in.ref)
+		return nil
+	}
+	if err != nil {
 		in.Abort()
 		return fmt.Errorf("committing %s: %w", in.dgst, err)
 	}
+	in.s.inactive(in.ref)
+	in.s.committed(in.dgst, size)
 	return nil
 }
 
 // Abort discards the ingest. Safe to call after a failed Commit.
 func (in *Ingest) Abort() {
+	defer in.s.inactive(in.ref)
 	in.w.Close()
 	if err := in.s.cs.Abort(context.Background(), in.ref); err != nil && !errdefs.IsNotFound(err) {
 		// Leave it: the next NewIngest for this digest resumes or replaces it.
 		return
 	}
+}
+
+// Leave closes the writer and keeps what was written, for a later resume. Call Close too.
+func (in *Ingest) Leave() {
+	in.w.Close()
+	in.s.mu.Lock()
+	delete(in.s.active, in.ref)
+	in.s.orphanBytes += in.Offset
+	in.s.mu.Unlock()
 }
 
 // Close releases the read side; call when no reader needs the data any more.
@@ -265,12 +341,35 @@ func quietContainerdLog() {
 	quietOnce.Do(func() { log.L.Logger.SetLevel(logrus.ErrorLevel) })
 }
 
-// Usage reports the bytes and number of committed blobs.
+// Usage reports the bytes and number of committed blobs, as kept in memory since Open.
 func (s *Store) Usage(ctx context.Context) (bytes int64, entries int, err error) {
-	err = s.cs.Walk(ctx, func(info content.Info) error {
-		bytes += info.Size
-		entries++
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.used, s.entries, nil
+}
+
+// countUsage walks the store once at Open: the blob files, not the index, are the truth.
+func (s *Store) countUsage() error {
+	ctx := context.Background()
+	var used int64
+	var n int
+	if err := s.cs.Walk(ctx, func(info content.Info) error {
+		used += info.Size
+		n++
 		return nil
-	})
-	return bytes, entries, err
+	}); err != nil {
+		return fmt.Errorf("measuring the store: %w", err)
+	}
+	sts, err := s.cs.ListStatuses(ctx)
+	if err != nil {
+		return fmt.Errorf("listing ingests: %w", err)
+	}
+	var orphans int64
+	for _, st := range sts {
+		orphans += st.Offset
+	}
+	s.mu.Lock()
+	s.used, s.entries, s.orphanBytes = used, n, orphans
+	s.mu.Unlock()
+	return nil
 }
