@@ -19,6 +19,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/node-mirror/node-mirror/internal/sdnotify"
+	"github.com/node-mirror/node-mirror/pkg/admin"
 	"github.com/node-mirror/node-mirror/pkg/config"
 	"github.com/node-mirror/node-mirror/pkg/contentstore"
 	"github.com/node-mirror/node-mirror/pkg/metrics"
@@ -36,6 +37,9 @@ func serveCommand() *cli.Command {
 			&cli.StringFlag{Name: "listen", Usage: "address to listen on (default 127.0.0.1:5000)"},
 			&cli.StringFlag{Name: "data-dir", Usage: "where the cache lives (default /var/lib/node-mirror)"},
 			&cli.StringSliceFlag{Name: "upstream", Usage: "`NAME=URL`: mirror registry NAME (as clients name it) from URL; repeatable, replaces the configured registries"},
+			&cli.StringFlag{Name: "max-size", Usage: "cache budget: `SIZE` such as 20GiB, or a percentage of the filesystem such as 10%"},
+			&cli.StringFlag{Name: "min-free", Usage: "keep this much of the filesystem free: `SIZE` or percentage"},
+			&cli.IntFlag{Name: "eager-fetch", Usage: "fetch up to `N` layers of a requested image ahead of the engine (0: off; default 4)"},
 			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error"},
 			&cli.StringFlag{Name: "log-format", Value: "text", Usage: "text or json"},
 			&cli.StringFlag{Name: "metrics-listen", Usage: "serve /metrics on this `ADDR` instead of the main port"},
@@ -70,6 +74,13 @@ func loadConfig(c *cli.Context) (config.Config, error) {
 		if err := cfg.SetUpstreams(ups); err != nil {
 			return cfg, err
 		}
+	}
+	if err := budgetFlags(c, &cfg); err != nil {
+		return cfg, err
+	}
+	if c.IsSet("eager-fetch") {
+		n := c.Int("eager-fetch")
+		cfg.Cache.EagerFetch = &n
 	}
 	if err := cfg.Validate(); err != nil {
 		return cfg, fmt.Errorf("config: %w", err)
@@ -144,6 +155,7 @@ func serve(c *cli.Context) error {
 		return err
 	}
 	defer store.Close()
+	store.SetBudget(budgetOf(cfg))
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
@@ -151,6 +163,7 @@ func serve(c *cli.Context) error {
 		b, n, _ := store.Usage(context.Background())
 		return b, n
 	})
+	metrics.RegisterCache(reg, store.CacheCounters)
 	regs, err := newClients(cfg, log, met)
 	if err != nil {
 		return err
@@ -162,6 +175,7 @@ func serve(c *cli.Context) error {
 		TagFreshness:    cfg.Cache.TagFreshness.Duration,
 		ListTTL:         cfg.Cache.ListTTL.Duration,
 		MaxManifestSize: cfg.Cache.MaxManifestSize,
+		EagerFetch:      eagerOf(cfg),
 		Logger:          log,
 		Metrics:         met,
 	})
@@ -171,7 +185,7 @@ func serve(c *cli.Context) error {
 	defer m.Close()
 
 	metricsHandler := promhttp.HandlerFor(reg, promhttp.HandlerOpts{})
-	srvOpts := server.Options{Mirror: m, Metrics: met, Logger: log, Auth: auth}
+	srvOpts := server.Options{Mirror: m, Admin: admin.Handler(m, log), Metrics: met, Logger: log, Auth: auth}
 	if c.String("metrics-listen") == "" {
 		srvOpts.MetricsHandler = metricsHandler
 	}
@@ -208,6 +222,14 @@ func serve(c *cli.Context) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	go flushAccess(ctx, store, log)
+	go store.Janitor(ctx, time.Minute, func(rep contentstore.GCReport, err error) {
+		if err != nil {
+			log.Warn("cache collection failed", "err", err)
+			return
+		}
+		log.Info("cache collected", "evicted", len(rep.Evicted), "orphans", len(rep.Orphans),
+			"freed_bytes", rep.FreedBytes, "usage_bytes", rep.UsageAfter)
+	})
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
@@ -249,6 +271,9 @@ func reload(c *cli.Context, running config.Config, m *mirror.Mirror, log *slog.L
 			err = m.Reconfigure(regs, cfg.DefaultRegistry, cfg.Cache.TagFreshness.Duration, cfg.Cache.ListTTL.Duration)
 		}
 	}
+	if err == nil {
+		m.Store().SetBudget(budgetOf(cfg))
+	}
 	met.ConfigReload(err == nil)
 	if err != nil {
 		log.Error("config reload rejected, keeping the running configuration", "err", err)
@@ -258,6 +283,38 @@ func reload(c *cli.Context, running config.Config, m *mirror.Mirror, log *slog.L
 		log.Warn("listen and data_dir changes take effect on restart")
 	}
 	log.Info("config reloaded", "registries", registryNames(cfg), "default", cfg.DefaultRegistry)
+}
+
+// budgetFlags applies --max-size and --min-free over the config file.
+func budgetFlags(c *cli.Context, cfg *config.Config) error {
+	for flag, dst := range map[string]*config.Size{"max-size": &cfg.Cache.MaxSize, "min-free": &cfg.Cache.MinFree} {
+		if v := c.String(flag); v != "" {
+			sz, err := config.ParseSize(v)
+			if err != nil {
+				return fmt.Errorf("--%s: %w", flag, err)
+			}
+			*dst = sz
+		}
+	}
+	return nil
+}
+
+func budgetOf(cfg config.Config) contentstore.Budget {
+	return contentstore.Budget{
+		MaxBytes: cfg.Cache.MaxSize.Bytes, MaxPercent: cfg.Cache.MaxSize.Percent,
+		MinFreeBytes: cfg.Cache.MinFree.Bytes, MinFreePercent: cfg.Cache.MinFree.Percent,
+		OrphanGrace: cfg.Cache.OrphanGrace.Duration,
+	}
+}
+
+func eagerOf(cfg config.Config) int {
+	if cfg.Cache.EagerFetch == nil {
+		return 0 // the mirror's default
+	}
+	if *cfg.Cache.EagerFetch == 0 {
+		return -1 // off
+	}
+	return *cfg.Cache.EagerFetch
 }
 
 func registryNames(cfg config.Config) []string {

@@ -22,6 +22,7 @@ type Metrics struct {
 	authFailures     prometheus.Counter
 	rateLimit        *prometheus.GaugeVec
 	configReloads    *prometheus.CounterVec
+	passThrough      *prometheus.CounterVec
 }
 
 // StoreStats reports the store's size for the gauges, read at scrape time.
@@ -68,6 +69,11 @@ func New(reg prometheus.Registerer, stats StoreStats) *Metrics {
 			Help: "Configuration reloads on SIGHUP, by result (ok, error).",
 		}, []string{"result"}),
 	}
+	m.passThrough = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "node_mirror_passthrough_total",
+		Help: "Content served from upstream without being stored, by reason (disk_full, budget, store_error).",
+	}, []string{"reason"})
+	reg.MustRegister(m.passThrough)
 	reg.MustRegister(m.requests, m.bytesServed, m.bytesUpstream, m.upstreamDuration, m.upstreamErrors,
 		m.inflight, m.authFailures, m.rateLimit, m.configReloads)
 	if stats != nil {
@@ -161,6 +167,31 @@ func (m *Metrics) AuthFailure() {
 	if m != nil {
 		m.authFailures.Inc()
 	}
+}
+
+// PassThrough counts content served without being stored.
+func (m *Metrics) PassThrough(reason string) {
+	if m != nil {
+		m.passThrough.WithLabelValues(reason).Inc()
+	}
+}
+
+// CacheStats reports the store's budget and evictions, read at scrape time.
+type CacheStats func() (budgetBytes, evictedBlobs, evictedBytes int64)
+
+// RegisterCache adds the budget gauge and eviction counters.
+func RegisterCache(reg prometheus.Registerer, stats CacheStats) {
+	reg.MustRegister(
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "node_mirror_store_budget_bytes", Help: "The store's size limit in bytes (0: none).",
+		}, func() float64 { b, _, _ := stats(); return float64(b) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "node_mirror_evicted_blobs_total", Help: "Blobs evicted to stay within the budget.",
+		}, func() float64 { _, n, _ := stats(); return float64(n) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "node_mirror_evicted_bytes_total", Help: "Bytes evicted to stay within the budget.",
+		}, func() float64 { _, _, b := stats(); return float64(b) }),
+	)
 }
 
 // ConfigReload counts a reload attempt.

@@ -49,11 +49,16 @@ func (m *Mirror) serveManifest(w http.ResponseWriter, r *http.Request, rt route)
 		return
 	}
 	noteResult(r.Context(), result)
+	m.count(result)
 	m.store.Touch(mf.digest)
 	setContentHeaders(w, mf.mediaType, mf.digest.String(), int64(len(mf.body)))
 	w.WriteHeader(http.StatusOK)
 	if r.Method == http.MethodGet {
 		w.Write(mf.body)
+		if result != ResultMiss {
+			m.stats.cacheBytes.Add(int64(len(mf.body)))
+		}
+		m.eagerFrom(rt, mf)
 	}
 }
 
@@ -128,11 +133,17 @@ func (m *Mirror) fetchManifest(ctx context.Context, rt route, ref string, want d
 		dgst = digest.FromBytes(body)
 	}
 	mt := mediaTypeOf(resp.Header.Get("Content-Type"), body)
-	if err := m.store.PutBlob(ctx, dgst, body); err != nil {
-		return nil, err
+	// The manifest is verified and in memory: a store that cannot take it (disk full)
+	// costs the cache, not the pull.
+	err = m.store.PutBlob(ctx, dgst, body)
+	if err == nil {
+		err = m.store.RecordBlob(dgst, mt, int64(len(body)), rt.registry+"/"+rt.repo)
 	}
-	if err := m.store.RecordBlob(dgst, mt, int64(len(body)), rt.registry+"/"+rt.repo); err != nil {
-		return nil, err
+	if err != nil {
+		if isDiskFull(err) {
+			err = fmt.Errorf("%w: %w", errNoSpace, err)
+		}
+		m.notePassThrough(ctx, rt, err)
 	}
 	return &manifest{body: body, mediaType: mt, digest: dgst}, nil
 }
@@ -208,7 +219,7 @@ func (m *Mirror) revalidateTag(rt route, cached *manifest) (*manifest, error) {
 	})
 	if errors.Is(err, upstream.ErrNotFound) {
 		if derr := m.store.DeleteTag(rt.registry, rt.repo, rt.ref); derr != nil {
-			return nil, derr
+			m.log.Warn("forgetting a deleted tag", "registry", rt.registry, "repo", rt.repo, "tag", rt.ref, "err", derr)
 		}
 		return nil, err
 	}
@@ -237,7 +248,8 @@ func (m *Mirror) revalidateTag(rt route, cached *manifest) (*manifest, error) {
 			Digest: mf.digest, MediaType: mf.mediaType, Size: int64(len(mf.body)),
 		})
 		if err != nil {
-			return nil, err
+			m.log.Warn("recording tag failed, serving it uncached", "registry", rt.registry, "repo", rt.repo, "tag", rt.ref, "err", err)
+			return mf, nil // not marked fresh: the next request asks upstream again
 		}
 	}
 	m.mu.Lock()

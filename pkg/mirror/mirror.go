@@ -14,6 +14,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/containerd/platforms"
+	"github.com/opencontainers/go-digest"
 	"golang.org/x/sync/singleflight"
 
 	"github.com/node-mirror/node-mirror/pkg/contentstore"
@@ -36,8 +38,15 @@ type Options struct {
 	// ListTTL bounds reuse of tag lists and referrers answers.
 	ListTTL         time.Duration
 	MaxManifestSize int64
-	Logger          *slog.Logger
-	Metrics         *metrics.Metrics
+	// EagerFetch is how many layers of a requested image manifest are fetched at once in
+	// the background, before the engine asks for them. 0 means the default (4); negative
+	// turns eager fetching off.
+	EagerFetch int
+	// Platform selects the image of an index that eager fetching follows; default: this
+	// node's platform.
+	Platform string
+	Logger   *slog.Logger
+	Metrics  *metrics.Metrics
 }
 
 // Mirror is an http.Handler for /v2/.
@@ -56,10 +65,15 @@ type Mirror struct {
 
 	flight singleflight.Group // manifests and lists, keyed by what is fetched
 
+	stats    counters
+	eager    chan eagerJob // nil when eager fetching is off
+	platform platforms.MatchComparer
+
 	mu        sync.Mutex
 	downloads map[string]*download   // blob digest -> the one download in flight
 	checked   map[string]time.Time   // tag key -> last successful revalidation
 	lists     map[string]*listAnswer // tags/list and referrers answers
+	eagerDone map[digest.Digest]bool // fetched ahead of the engine, not yet served
 }
 
 // New returns a Mirror over the given store and registries.
@@ -86,9 +100,29 @@ func New(opts Options) (*Mirror, error) {
 		downloads: map[string]*download{},
 		checked:   map[string]time.Time{},
 		lists:     map[string]*listAnswer{},
+		eagerDone: map[digest.Digest]bool{},
 	}
 	if err := m.Reconfigure(opts.Registries, opts.DefaultRegistry, opts.TagFreshness, opts.ListTTL); err != nil {
 		return nil, err
+	}
+	m.stats.since = time.Now()
+	m.platform = platforms.Default()
+	if opts.Platform != "" {
+		p, err := platforms.Parse(opts.Platform)
+		if err != nil {
+			return nil, fmt.Errorf("platform %q: %w", opts.Platform, err)
+		}
+		m.platform = platforms.Only(p)
+	}
+	if opts.EagerFetch == 0 {
+		opts.EagerFetch = 4
+	}
+	if opts.EagerFetch > 0 {
+		m.eager = make(chan eagerJob, 1024)
+		for range opts.EagerFetch {
+			m.wg.Add(1)
+			go m.eagerWorker()
+		}
 	}
 	return m, nil
 }
@@ -161,10 +195,61 @@ func (m *Mirror) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
+// counters are what status reports since the start: request results and bytes saved.
+type counters struct {
+	since                                    time.Time
+	hits, misses, stale, errors, passThrough atomic.Int64
+	cacheBytes                               atomic.Int64 // blob bytes served from disk
+}
+
+// count notes one answered request by result.
+func (m *Mirror) count(result string) {
+	switch result {
+	case ResultHit:
+		m.stats.hits.Add(1)
+	case ResultMiss:
+		m.stats.misses.Add(1)
+	case ResultStale:
+		m.stats.stale.Add(1)
+	case ResultError:
+		m.stats.errors.Add(1)
+	}
+}
+
+// Stats are the mirror's counters since it started.
+type Stats struct {
+	Since       time.Time `json:"since"`
+	Hits        int64     `json:"hits"`
+	Misses      int64     `json:"misses"`
+	Stale       int64     `json:"stale"`
+	Errors      int64     `json:"errors"`
+	PassThrough int64     `json:"passThrough"`
+	// BytesSaved is blob bytes served from the store instead of upstream.
+	BytesSaved int64 `json:"bytesSaved"`
+	// Downloads is blob downloads in flight.
+	Downloads int `json:"downloads"`
+}
+
+// Stats reports the counters since the mirror started.
+func (m *Mirror) Stats() Stats {
+	m.mu.Lock()
+	n := len(m.downloads)
+	m.mu.Unlock()
+	return Stats{
+		Since: m.stats.since, Hits: m.stats.hits.Load(), Misses: m.stats.misses.Load(),
+		Stale: m.stats.stale.Load(), Errors: m.stats.errors.Load(), PassThrough: m.stats.passThrough.Load(),
+		BytesSaved: m.stats.cacheBytes.Load(), Downloads: n,
+	}
+}
+
+// Store returns the content store the mirror serves from.
+func (m *Mirror) Store() *contentstore.Store { return m.store }
+
 // fail logs a failed request once, here at the edge, and answers with the wire error.
 func (m *Mirror) fail(w http.ResponseWriter, r *http.Request, rt route, err error) {
 	we := toWire(err, rt.kind)
 	noteResult(r.Context(), ResultError)
+	m.count(ResultError)
 	level := slog.LevelWarn
 	if we.status == http.StatusNotFound {
 		level = slog.LevelDebug

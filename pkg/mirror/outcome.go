@@ -8,7 +8,12 @@ const (
 	ResultMiss  = "miss"  // fetched from upstream
 	ResultStale = "stale" // upstream failed or was slow; answered from the store
 	ResultError = "error" // answered with an error
+	// ResultPassThrough: fetched from upstream and not stored (disk full, budget in use).
+	ResultPassThrough = "passthrough"
 )
+
+// cacheHeader tells clients such as prefetch what happened to a response's content.
+const cacheHeader = "Node-Mirror-Cache"
 
 // Outcome is what the mirror did with one request, for the access log and metrics. The
 // server puts one in the request context with WithOutcome; the mirror fills it in.

@@ -18,7 +18,9 @@ import (
 
 // Options configure a Server.
 type Options struct {
-	Mirror  http.Handler
+	Mirror http.Handler
+	// Admin, when set, serves /admin/ (status, gc) on the main port, behind Auth.
+	Admin   http.Handler
 	Metrics *metrics.Metrics
 	// MetricsHandler, when set, is served at /metrics on the main port.
 	MetricsHandler http.Handler
@@ -90,6 +92,9 @@ func (s *Server) Handler() http.Handler {
 	if s.opts.MetricsHandler != nil {
 		mux.Handle("GET /metrics", s.opts.MetricsHandler)
 	}
+	if s.opts.Admin != nil {
+		mux.Handle("/admin/", s.authenticate(s.opts.Admin))
+	}
 	mux.Handle("/", s.observe(s.authenticate(s.opts.Mirror)))
 	return mux
 }
@@ -141,7 +146,7 @@ func (s *Server) observe(next http.Handler) http.Handler {
 			if out.Registry != "" {
 				s.opts.Metrics.Request(out.Registry, out.Kind, out.Result)
 				source := "cache"
-				if out.Result == mirror.ResultMiss {
+				if out.Result == mirror.ResultMiss || out.Result == mirror.ResultPassThrough {
 					source = "upstream"
 				}
 				s.opts.Metrics.Served(source, rec.bytes)
