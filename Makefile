@@ -10,8 +10,15 @@ FUZZ_TARGETS := ./pkg/mirror:FuzzParseRoute ./pkg/hosts:FuzzMergeHostsTOML ./pkg
 DATA_DIR ?= $(CURDIR)/data
 LISTEN   ?= 127.0.0.1:5000
 PKGS     := ./...
+# make install: the binary goes to $(DESTDIR)$(PREFIX)/bin, the unit to $(DESTDIR)$(UNITDIR)
+# (the administrator's unit directory, which systemd reads whatever PREFIX is), the example
+# config to $(DESTDIR)$(CONFDIR)/config.toml unless one is there.
+PREFIX   ?= /usr/local
+DESTDIR  ?=
+UNITDIR  ?= /etc/systemd/system
+CONFDIR  ?= /etc/node-mirror
 
-.PHONY: all build build-race run test unit e2e conformance fuzz soak vet clean bench
+.PHONY: all build build-race run test unit e2e conformance fuzz soak vet clean bench install service-check
 
 all: build
 
@@ -27,7 +34,7 @@ run: build
 
 # Every test tier: vet, unit + in-process integration and soak (race), real engines,
 # conformance, and a bounded run of every fuzz target.
-test: vet unit e2e conformance fuzz
+test: vet unit e2e conformance fuzz service-check
 
 vet:
 	$(GO) vet $(PKGS)
@@ -50,6 +57,33 @@ fuzz:
 	  echo "fuzz $${t#*:} for $(FUZZTIME)"; \
 	  $(GO) test -run '^$$' -fuzz "^$${t#*:}$$" -fuzztime $(FUZZTIME) "$${t%%:*}"; \
 	done
+
+# Installs binary, systemd unit and (if absent) config; engines are configured by
+# `node-mirror install`, which this does not run.
+install: build
+	install -d -m 0755 $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(UNITDIR) $(DESTDIR)$(CONFDIR)
+	install -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/node-mirror
+	sed 's|/usr/local/bin/node-mirror|$(PREFIX)/bin/node-mirror|g; s|/etc/node-mirror/config.toml|$(CONFDIR)/config.toml|g' \
+	  systemd/node-mirror.service > $(DESTDIR)$(UNITDIR)/node-mirror.service.tmp
+	chmod 0644 $(DESTDIR)$(UNITDIR)/node-mirror.service.tmp
+	mv -f $(DESTDIR)$(UNITDIR)/node-mirror.service.tmp $(DESTDIR)$(UNITDIR)/node-mirror.service
+	@if [ -e $(DESTDIR)$(CONFDIR)/config.toml ]; then \
+	  echo "kept $(DESTDIR)$(CONFDIR)/config.toml"; \
+	else \
+	  install -m 0644 examples/config.toml $(DESTDIR)$(CONFDIR)/config.toml; \
+	  echo "installed $(DESTDIR)$(CONFDIR)/config.toml"; \
+	fi
+	@echo
+	@echo "Next, as root (docs/service.md):"
+	@echo "  systemctl daemon-reload && systemctl enable --now node-mirror"
+	@echo "  $(PREFIX)/bin/node-mirror install --config $(CONFDIR)/config.toml --dry-run   # review, then without --dry-run"
+
+# The systemd unit: `systemd-analyze verify` clean and `systemd-analyze security` exposure
+# at most 2.0 (systemd/service-check.sh), then the tests of make install, the unit's syscall
+# filter against the running daemon, and the Kubernetes example (test/service).
+service-check: build
+	systemd/service-check.sh $(BIN) 2.0
+	NODE_MIRROR_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 -timeout 10m ./test/service/...
 
 # node-mirror against the reference registry's proxy mode and an nginx ceiling, on
 # loopback; writes docs/BENCHMARKS.md. Needs docker-registry, nginx and containerd (root).
