@@ -354,7 +354,8 @@ func checkFlags(t *testing.T, cmd string, argv []string) {
 }
 
 // TestDaemonSetRuns runs the example's two commands as kubelet would, with the node's
-// filesystem under a temporary directory and loopback ports of our own: install writes
+// filesystem under a temporary directory, loopback ports of our own and, as root, no
+// capabilities (the securityContext drops ALL): install writes
 // containerd's hosts.toml files on the "node", serve answers the probes, and uninstall
 // (from the node's side) restores the node.
 func TestDaemonSetRuns(t *testing.T) {
@@ -430,7 +431,7 @@ func TestDaemonSetRuns(t *testing.T) {
 		}
 		args = append(args, rewrite(initC, nil, a))
 	}
-	out, err := exec.Command(nodeMirrorBin, args...).CombinedOutput()
+	out, err := asContainer(t, args...).CombinedOutput()
 	if err != nil {
 		t.Fatalf("init container: node-mirror %s: %v\n%s", strings.Join(args, " "), err, out)
 	}
@@ -464,7 +465,7 @@ func TestDaemonSetRuns(t *testing.T) {
 	for _, a := range argv[1:] {
 		args = append(args, rewrite(main, env, a))
 	}
-	cmd := exec.Command(nodeMirrorBin, args...)
+	cmd := asContainer(t, args...)
 	cmd.Env = os.Environ()
 	for k, v := range env {
 		cmd.Env = append(cmd.Env, k+"="+v)
@@ -492,6 +493,17 @@ func TestDaemonSetRuns(t *testing.T) {
 	if b, _ := os.ReadFile(cdConf); string(b) != cd {
 		t.Errorf("uninstall did not restore %s:\n%s", cdConf, b)
 	}
+}
+
+// asContainer runs node-mirror as the example's securityContext does: as root (when the
+// test is), with every capability dropped and no_new_privs.
+func asContainer(t *testing.T, args ...string) *exec.Cmd {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		return exec.Command(nodeMirrorBin, args...)
+	}
+	setpriv := needTool(t, "setpriv", "util-linux")
+	return exec.Command(setpriv, append([]string{"--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--", nodeMirrorBin}, args...)...)
 }
 
 // quantityBytes reads a Kubernetes memory quantity such as 512Mi.
