@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/node-mirror/node-mirror/pkg/hosts"
 )
 
 func makeInstall(t *testing.T, destdir string, vars ...string) string {
@@ -129,5 +131,44 @@ func TestMakeInstallDefaultPrefix(t *testing.T) {
 	}
 	if !bytes.Equal(unit, src) {
 		t.Error("with the default PREFIX the installed unit differs from systemd/node-mirror.service")
+	}
+}
+
+// Under DynamicUser=, systemd makes /var/lib/node-mirror a symlink to
+// private/node-mirror. `node-mirror install` keeps its record in that directory
+// (hosts.StatePath), so as docs/service.md says, install and uninstall must work through
+// the symlink, whichever of install and the service came first.
+func TestInstallStateUnderDynamicUserLayout(t *testing.T) {
+	root := t.TempDir()
+	private := filepath.Join(root, "var/lib/private/node-mirror")
+	if err := os.MkdirAll(private, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink("private/node-mirror", filepath.Join(root, "var/lib/node-mirror")); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(filepath.Join(root, "etc/containerd"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	run := func(args ...string) {
+		t.Helper()
+		if out, err := exec.Command(nodeMirrorBin, args...).CombinedOutput(); err != nil {
+			t.Fatalf("node-mirror %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+	}
+	run("install", "--root", root, "--engines", "containerd", "--registries", "docker.io")
+	if _, err := os.Stat(filepath.Join(private, filepath.Base(hosts.StatePath))); err != nil {
+		t.Fatalf("install's state is not in the service's state directory: %v", err)
+	}
+	hostsTOML := filepath.Join(root, "etc/containerd/certs.d/docker.io/hosts.toml")
+	if _, err := os.Stat(hostsTOML); err != nil {
+		t.Fatal(err)
+	}
+	if fi, err := os.Lstat(filepath.Join(root, "var/lib/node-mirror")); err != nil || fi.Mode()&os.ModeSymlink == 0 {
+		t.Errorf("install replaced the state directory's symlink: %v", err)
+	}
+	run("uninstall", "--root", root)
+	if _, err := os.Stat(hostsTOML); !os.IsNotExist(err) {
+		t.Errorf("uninstall left %s: %v", hostsTOML, err)
 	}
 }
