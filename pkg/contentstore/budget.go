@@ -180,7 +180,12 @@ func (s *Store) Reserve(ctx context.Context, size int64) (*Reservation, error) {
 	if r, ok, err := try(); ok || err != nil {
 		return r, err
 	}
-	return nil, ErrNoRoom
+	total, free, _ := s.fsStat()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	maxSize, minFree := s.limits(total)
+	return nil, fmt.Errorf("%w: %d bytes wanted; %d stored, %d reserved, %d pinned blobs; budget %d, %d free on disk (floor %d)",
+		ErrNoRoom, size, s.used, s.reserved, len(s.pins), maxSize, free, minFree)
 }
 
 // committed accounts a newly committed blob and wakes the janitor when over budget.

@@ -207,7 +207,9 @@ func (m *Mirror) joinDownload(rt route, eager bool) *download {
 func (m *Mirror) runDownload(d *download, rt route) {
 	defer m.wg.Done()
 	err := m.fetchBlob(d, rt)
-	if err != nil {
+	if isNoStore(err) {
+		m.log.Debug("blob not stored", "registry", rt.registry, "repo", rt.repo, "digest", d.dgst, "err", err)
+	} else if err != nil {
 		m.log.Warn("blob download failed", "registry", rt.registry, "repo", rt.repo, "digest", d.dgst, "err", err)
 	}
 	// Leave the map first: from here on new clients find the blob in the store.

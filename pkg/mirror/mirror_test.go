@@ -111,7 +111,13 @@ type mirrorOpt func(*Options)
 
 func newMirror(t *testing.T, registries map[string][]string, opts ...mirrorOpt) *testMirror {
 	t.Helper()
-	store, err := contentstore.Open(t.TempDir())
+	return newMirrorAt(t, t.TempDir(), registries, opts...)
+}
+
+// newMirrorAt is newMirror on a given data dir.
+func newMirrorAt(t *testing.T, dataDir string, registries map[string][]string, opts ...mirrorOpt) *testMirror {
+	t.Helper()
+	store, err := contentstore.Open(dataDir)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,0 +1,281 @@
+package mirror
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+
+	"github.com/opencontainers/go-digest"
+	"golang.org/x/sys/unix"
+
+	"github.com/node-mirror/node-mirror/internal/fault"
+)
+
+// tinyFS mounts a tmpfs of size bytes for the test. It needs root; without it the test
+// fails, loudly, rather than skip what it is there to prove.
+func tinyFS(t *testing.T, size string) string {
+	t.Helper()
+	dir := t.TempDir()
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size="+size, "tmpfs", dir).CombinedOutput(); err != nil {
+		t.Fatalf("mounting a %s tmpfs (the disk-full tests need root): %v: %s", size, err, out)
+	}
+	t.Cleanup(func() {
+		if out, err := exec.Command("umount", dir).CombinedOutput(); err != nil {
+			t.Errorf("unmounting %s: %v: %s", dir, err, out)
+		}
+	})
+	return dir
+}
+
+// fill leaves about leave bytes free on the filesystem of dir (none when the disk is
+// smaller than that would need). Safe to call from any goroutine.
+func fill(dir string, leave int64) error {
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		return err
+	}
+	free := int64(st.Bavail) * int64(st.Bsize)
+	f, err := os.CreateTemp(dir, "filler")
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	chunk := make([]byte, 4096)
+	for n := free - leave; n > 0; n -= int64(len(chunk)) {
+		if _, err := f.Write(chunk); err != nil {
+			if errors.Is(err, syscall.ENOSPC) {
+				return nil // full is what was asked for
+			}
+			return err
+		}
+	}
+	return nil
+}
+
+// serveRange answers "Range: bytes=N-" from blob, as registries behind object stores do
+// (go-containerregistry's test registry only knows closed ranges). It reports whether
+// the request had a range.
+func serveRange(w http.ResponseWriter, r *http.Request, blob []byte) bool {
+	var from int
+	if _, err := fmt.Sscanf(r.Header.Get("Range"), "bytes=%d-", &from); err != nil || from >= len(blob) {
+		return false
+	}
+	w.Header().Set("Content-Range", fmt.Sprintf("bytes %d-%d/%d", from, len(blob)-1, len(blob)))
+	w.Header().Set("Content-Length", fmt.Sprint(len(blob)-from))
+	w.WriteHeader(http.StatusPartialContent)
+	w.Write(blob[from:])
+	return true
+}
+
+// TestDiskFullPullsPassThrough: on a filesystem with no room for the layers, pulls still
+// succeed, served uncached and verified; nothing partial is left; a corrupt upstream body
+// is still never served complete; a blob of unknown length that runs into the full disk
+// is passed through too.
+func TestDiskFullPullsPassThrough(t *testing.T) {
+	dir := tinyFS(t, "4m")
+	up := newUpstream(t)
+	img := randomImage(t, 1<<20, 3)
+	up.push(t, "library/big", "v1", img)
+	tm := newMirrorAt(t, filepath.Join(dir, "data"), map[string][]string{"docker.io": {up.srv.URL}})
+	if err := fill(dir, 300<<10); err != nil {
+		t.Fatal(err)
+	}
+
+	for range 2 {
+		tm.pull(t, "library/big:v1") // validates every blob's digest
+	}
+	layers, _ := img.Layers()
+	for _, l := range layers {
+		d, _ := l.Digest()
+		if _, err := tm.store.Size(digest.Digest(d.String())); err == nil {
+			t.Fatalf("layer %s stored on a full disk", d)
+		}
+	}
+	if n := tm.Stats().PassThrough; n < 3 {
+		t.Fatalf("%d pass-throughs counted, want at least one per layer", n)
+	}
+	assertStoreIntact(t, tm)
+
+	// Corrupt bytes passed through: cut before the end, never a complete 200.
+	ld, _ := layers[0].Digest()
+	url := tm.srv.URL + "/v2/library/big/blobs/" + ld.String()
+	up.fault.Set(fault.Rule{Kind: fault.FlipByte, Method: http.MethodGet, PathContains: ld.String()})
+	if status, _, clean := fetch(t, url); status == http.StatusOK && clean {
+		t.Fatal("a corrupt pass-through was served complete")
+	}
+	up.fault.Clear()
+
+	// Unknown length (chunked): no room can be reserved; the write hits the full disk and
+	// the waiting client is passed through instead.
+	want := mustRead(t, layers[1])
+	l1, _ := layers[1].Digest()
+	chunked := "/v2/library/big/blobs/" + l1.String()
+	up.setHook(func(w http.ResponseWriter, r *http.Request) bool {
+		if r.URL.Path != chunked || r.Method != http.MethodGet {
+			return false
+		}
+		for i := 0; i < len(want); i += 64 << 10 {
+			w.Write(want[i:min(i+64<<10, len(want))])
+			w.(http.Flusher).Flush()
+		}
+		return true
+	})
+	status, body, clean := fetch(t, tm.srv.URL+chunked)
+	if status != http.StatusOK || !clean || !bytes.Equal(body, want) {
+		t.Fatalf("chunked blob on a full disk: status %d clean %v equal %v", status, clean, bytes.Equal(body, want))
+	}
+	assertStoreIntact(t, tm)
+}
+
+// TestDiskFillsMidDownload: room was reserved, then something else filled the disk; the
+// client still gets the whole, verified blob (the rest from upstream) and nothing is stored.
+func TestDiskFillsMidDownload(t *testing.T) {
+	dir := tinyFS(t, "4m")
+	up := newUpstream(t)
+	img := randomImage(t, 1<<20, 1)
+	up.push(t, "library/app", "v1", img)
+	layers, _ := img.Layers()
+	ld, _ := layers[0].Digest()
+	want := mustRead(t, layers[0])
+	path := "/v2/library/app/blobs/" + ld.String()
+	half := make(chan struct{})
+	filled := make(chan struct{})
+	var once sync.Once
+	var ranged atomic.Int32
+	up.setHook(func(w http.ResponseWriter, r *http.Request) bool {
+		if r.URL.Path != path {
+			return false
+		}
+		if serveRange(w, r, want) {
+			ranged.Add(1)
+			return true // the range request that finishes the blob
+		}
+		w.Header().Set("Content-Length", fmt.Sprint(len(want)))
+		w.Write(want[:len(want)/2])
+		w.(http.Flusher).Flush()
+		once.Do(func() { close(half) })
+		<-filled
+		w.Write(want[len(want)/2:])
+		return true
+	})
+	tm := newMirrorAt(t, filepath.Join(dir, "data"), map[string][]string{"docker.io": {up.srv.URL}},
+		func(o *Options) { o.EagerFetch = -1 })
+	go func() {
+		defer close(filled)
+		<-half
+		if err := fill(dir, 0); err != nil {
+			t.Error(err)
+		}
+	}()
+	status, body, clean := fetch(t, tm.srv.URL+path)
+	if status != http.StatusOK || !clean || !bytes.Equal(body, want) {
+		t.Fatalf("status %d clean %v equal %v", status, clean, bytes.Equal(body, want))
+	}
+	if _, err := tm.store.Size(digest.Digest(ld.String())); err == nil {
+		t.Fatal("blob stored although the disk filled")
+	}
+	if tm.Stats().PassThrough == 0 {
+		t.Fatal("pass-through not counted")
+	}
+	if ranged.Load() == 0 {
+		t.Fatal("the response was not finished from upstream; the test proves nothing")
+	}
+	assertStoreIntact(t, tm)
+}
+
+// TestResumeOrphanedIngest: an ingest left by a crash is resumed with a Range request
+// when its digest is asked for again; an upstream that does not honour the range, or a
+// damaged leftover, never yields a wrong blob.
+func TestResumeOrphanedIngest(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		ignoreRng bool // upstream answers 200 to the range request
+		damage    bool // the leftover bytes are wrong
+		wantOK    bool
+	}{
+		{name: "resumed", wantOK: true},
+		{name: "range ignored", ignoreRng: true, wantOK: true},
+		{name: "damaged leftover", damage: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			up := newUpstream(t)
+			img := randomImage(t, 512<<10, 1)
+			up.push(t, "library/app", "v1", img)
+			layers, _ := img.Layers()
+			ld, _ := layers[0].Digest()
+			d := digest.Digest(ld.String())
+			want := mustRead(t, layers[0])
+			path := "/v2/library/app/blobs/" + ld.String()
+
+			// A crash mid-download: the first part is on disk as an ingest.
+			dir := t.TempDir()
+			tm0 := newMirrorAt(t, dir, map[string][]string{"docker.io": {up.srv.URL}})
+			in, err := tm0.store.NewIngest(context.Background(), d, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			part := bytes.Clone(want[:200<<10])
+			if tc.damage {
+				part[1000] ^= 0xff
+			}
+			in.Write(part)
+			in.Leave()
+			in.Close()
+			tm0.srv.Close()
+			tm0.Close()
+			tm0.store.Close()
+
+			var ranges []string
+			up.setHook(func(w http.ResponseWriter, r *http.Request) bool {
+				if r.URL.Path != path {
+					return false
+				}
+				up.mu.Lock()
+				ranges = append(ranges, r.Header.Get("Range"))
+				up.mu.Unlock()
+				if tc.ignoreRng && r.Header.Get("Range") != "" {
+					w.Header().Set("Content-Length", fmt.Sprint(len(want)))
+					w.Write(want)
+					return true
+				}
+				return serveRange(w, r, want)
+			})
+			tm := newMirrorAt(t, dir, map[string][]string{"docker.io": {up.srv.URL}})
+			status, body, clean := fetch(t, tm.srv.URL+path)
+			ok := status == http.StatusOK && clean && bytes.Equal(body, want)
+			if status == http.StatusOK && clean && !bytes.Equal(body, want) {
+				t.Fatal("a complete response of wrong bytes")
+			}
+			if ok != tc.wantOK {
+				t.Fatalf("status %d clean %v equal %v, want success %v", status, clean, bytes.Equal(body, want), tc.wantOK)
+			}
+			up.mu.Lock()
+			seen := slices.Clone(ranges)
+			up.mu.Unlock()
+			if seen[0] != fmt.Sprintf("bytes=%d-", 200<<10) {
+				t.Fatalf("first upstream request had Range %q", seen[0])
+			}
+			// Resumed: that one request was all. Not honoured: one more, from zero.
+			if wantN := map[bool]int{false: 1, true: 2}[tc.ignoreRng]; len(seen) != wantN {
+				t.Fatalf("upstream saw %d requests %q, want %d", len(seen), seen, wantN)
+			}
+			assertStoreIntact(t, tm)
+			// Whatever happened, the next request gets the blob.
+			status, body, clean = fetch(t, tm.srv.URL+path)
+			if status != http.StatusOK || !clean || !bytes.Equal(body, want) {
+				t.Fatalf("afterwards: status %d clean %v", status, clean)
+			}
+			assertStoreIntact(t, tm)
+		})
+	}
+}
