@@ -12,17 +12,21 @@ import (
 // version is set at build time with -ldflags "-X main.version=...".
 var version = "dev"
 
-func main() {
-	app := &cli.App{
+func newApp() *cli.App {
+	return &cli.App{
 		Name:  "node-mirror",
 		Usage: "node-local pull-through registry mirror",
 		Commands: []*cli.Command{
 			serveCommand(),
 			installCommand(), uninstallCommand(),
+			gcCommand(), statusCommand(), prefetchCommand(),
 			versionCommand(),
 		},
 	}
-	if err := app.Run(os.Args); err != nil {
+}
+
+func main() {
+	if err := newApp().Run(os.Args); err != nil {
 		fmt.Fprintln(os.Stderr, "node-mirror:", err)
 		os.Exit(1)
 	}

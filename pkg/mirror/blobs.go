@@ -73,6 +73,7 @@ func (m *Mirror) serveBlob(w http.ResponseWriter, r *http.Request, rt route) {
 	}
 	noteResult(r.Context(), ResultMiss)
 	m.count(ResultMiss)
+	w.Header().Set(cacheHeader, ResultMiss)
 	fr := &followReader{d: d, ctx: r.Context(), flush: func() { http.NewResponseController(w).Flush() }}
 	fr.fallback = func(pos int64) (io.ReadCloser, error) {
 		// The disk filled up under the download: finish this response from upstream.
@@ -107,6 +108,7 @@ func (m *Mirror) serveStoredBlob(w http.ResponseWriter, r *http.Request, rt rout
 	noteResult(r.Context(), result)
 	m.count(result)
 	m.store.Touch(rt.digest)
+	w.Header().Set(cacheHeader, result)
 	setContentHeaders(w, blobContentType, rt.digest.String(), size)
 	cw := &countingWriter{ResponseWriter: w}
 	http.ServeContent(cw, r, "", time.Time{}, f)

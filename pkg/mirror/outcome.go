@@ -12,8 +12,12 @@ const (
 	ResultPassThrough = "passthrough"
 )
 
-// cacheHeader tells clients such as prefetch what happened to a response's content.
-const cacheHeader = "Node-Mirror-Cache"
+// cacheHeader tells clients such as prefetch what happened to a blob: hit, miss (fetched
+// and stored) or pass-through (fetched, not stored).
+const cacheHeader = CacheHeader
+
+// CacheHeader is the response header that says whether a blob was stored.
+const CacheHeader = "Node-Mirror-Cache"
 
 // Outcome is what the mirror did with one request, for the access log and metrics. The
 // server puts one in the request context with WithOutcome; the mirror fills it in.
