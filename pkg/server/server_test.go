@@ -27,6 +27,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"golang.org/x/crypto/bcrypt"
 
+	"github.com/node-mirror/node-mirror/pkg/admin"
 	"github.com/node-mirror/node-mirror/pkg/contentstore"
 	"github.com/node-mirror/node-mirror/pkg/metrics"
 	"github.com/node-mirror/node-mirror/pkg/mirror"
@@ -468,4 +469,49 @@ func TestSlowReaderIsNotBuffered(t *testing.T) {
 			t.Fatalf("slow reader got %d bytes, %v", n, err)
 		}
 	}
+}
+
+// TestAdminBehindAuth: the admin API is served on the main port outside /v2/, and only to
+// clients that pass the same authentication as pulls.
+func TestAdminBehindAuth(t *testing.T) {
+	tokens, err := LoadTokenFile(writeFile(t, "tokens", "s3cr3t-token\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := newEnv(t, func(o *Options) {
+		o.Auth = tokens
+		o.Admin = admin.Handler(o.Mirror.(*mirror.Mirror), nil)
+	})
+	for _, c := range []struct {
+		method, path, token string
+		want                int
+	}{
+		{"GET", "/admin/status", "", 401},
+		{"POST", "/admin/gc?dry_run=true", "nope", 401},
+		{"GET", "/admin/status", "s3cr3t-token", 200},
+		{"POST", "/admin/gc?dry_run=true", "s3cr3t-token", 200},
+		{"GET", "/admin/gc", "s3cr3t-token", 405},
+	} {
+		req, _ := http.NewRequest(c.method, e.url+c.path, nil)
+		if c.token != "" {
+			req.Header.Set("Authorization", "Bearer "+c.token)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != c.want {
+			t.Errorf("%s %s with token %q: %d, want %d", c.method, c.path, c.token, resp.StatusCode, c.want)
+		}
+	}
+}
+
+func writeFile(t *testing.T, name, body string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), name)
+	if err := os.WriteFile(p, []byte(body), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
 }
