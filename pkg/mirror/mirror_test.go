@@ -45,7 +45,10 @@ type fakeUpstream struct {
 
 func newUpstream(t *testing.T) *fakeUpstream {
 	t.Helper()
-	reg := registry.New(registry.Logger(log.New(io.Discard, "", 0)), registry.WithReferrersSupport(true))
+	// Blobs on disk, not in memory: the soak test measures the heap, and must measure
+	// the mirror's, not the test upstream's growing store.
+	reg := registry.New(registry.Logger(log.New(io.Discard, "", 0)), registry.WithReferrersSupport(true),
+		registry.WithBlobHandler(registry.NewDiskBlobHandler(t.TempDir())))
 	u := &fakeUpstream{reg: reg, fault: fault.New(reg), count: map[string]int{}}
 	u.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		u.mu.Lock()
