@@ -81,10 +81,7 @@ func TestCollectEvictsLeastRecentlyUsed(t *testing.T) {
 	if u, _, _ := s.Usage(ctx); u != 10000 {
 		t.Fatalf("dry run changed the usage to %d", u)
 	}
-	var want []digest.Digest
-	for _, d := range ds[2:9] { // down to 3000 bytes: ds[0], ds[1] and one more stay
-		want = append(want, d)
-	}
+	want := ds[2:9] // down to 3000 bytes: ds[0], ds[1] and one more stay
 	var got []digest.Digest
 	for _, e := range dry.Evicted {
 		got = append(got, e.Digest)
