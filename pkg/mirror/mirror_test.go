@@ -71,6 +71,24 @@ func (u *fakeUpstream) setHook(h func(w http.ResponseWriter, r *http.Request) bo
 	u.mu.Unlock()
 }
 
+// slowBlob serves blob at path in chunks with a pause after each, so clients arrive
+// while its download is still in flight.
+func (u *fakeUpstream) slowBlob(path string, blob []byte, chunk int, pause time.Duration) {
+	u.setHook(func(w http.ResponseWriter, r *http.Request) bool {
+		if r.Method != http.MethodGet || r.URL.Path != path {
+			return false
+		}
+		w.Header().Set("Content-Length", fmt.Sprint(len(blob)))
+		w.WriteHeader(200)
+		for i := 0; i < len(blob); i += chunk {
+			w.Write(blob[i:min(i+chunk, len(blob))])
+			http.NewResponseController(w).Flush()
+			time.Sleep(pause)
+		}
+		return true
+	})
+}
+
 func (u *fakeUpstream) requests(method, path string) int {
 	u.mu.Lock()
 	defer u.mu.Unlock()
@@ -300,19 +318,7 @@ func TestThunderingHerdFetchesOnce(t *testing.T) {
 	path := "/v2/library/big/blobs/" + ld.String()
 
 	// Slow the upstream body so every client arrives while the download is in flight.
-	up.setHook(func(w http.ResponseWriter, r *http.Request) bool {
-		if r.Method != http.MethodGet || r.URL.Path != path {
-			return false
-		}
-		w.Header().Set("Content-Length", fmt.Sprint(len(want)))
-		w.WriteHeader(200)
-		for i := 0; i < len(want); i += 512 << 10 {
-			w.Write(want[i:min(i+512<<10, len(want))])
-			w.(http.Flusher).Flush()
-			time.Sleep(20 * time.Millisecond)
-		}
-		return true
-	})
+	up.slowBlob(path, want, 512<<10, 20*time.Millisecond)
 	tm := newMirror(t, map[string][]string{"docker.io": {up.srv.URL}})
 
 	const clients = 16
@@ -397,19 +403,7 @@ func TestDownloadCompletesAfterClientLeaves(t *testing.T) {
 	ld, _ := layers[0].Digest()
 	want := mustRead(t, layers[0])
 	path := "/v2/library/app/blobs/" + ld.String()
-	up.setHook(func(w http.ResponseWriter, r *http.Request) bool {
-		if r.Method != http.MethodGet || r.URL.Path != path {
-			return false
-		}
-		w.Header().Set("Content-Length", fmt.Sprint(len(want)))
-		w.WriteHeader(200)
-		for i := 0; i < len(want); i += 256 << 10 {
-			w.Write(want[i:min(i+256<<10, len(want))])
-			w.(http.Flusher).Flush()
-			time.Sleep(10 * time.Millisecond)
-		}
-		return true
-	})
+	up.slowBlob(path, want, 256<<10, 10*time.Millisecond)
 	tm := newMirror(t, map[string][]string{"docker.io": {up.srv.URL}})
 	ctx, cancel := context.WithCancel(context.Background())
 	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, tm.srv.URL+path, nil)
