@@ -4,6 +4,9 @@ BIN      := bin/node-mirror
 # The real-engine tiers run a race-detector build of the daemon, so every tier is checked under -race.
 RACE_BIN := bin/node-mirror-race
 FUZZTIME ?= 10s
+# containerd 2.x for the real-engine tier (Debian ships 1.6), built once from its Go module.
+CONTAINERD2_VERSION := v2.4.2
+CONTAINERD2_DIR     := $(CURDIR)/.cache/containerd2-$(CONTAINERD2_VERSION)
 # Every fuzz target, as package:Target; `make fuzz` runs each for FUZZTIME.
 FUZZ_TARGETS := ./pkg/mirror:FuzzParseRoute ./pkg/hosts:FuzzMergeHostsTOML ./pkg/hosts:FuzzSetConfigPath \
                 ./pkg/hosts:FuzzMergeDaemonJSON ./pkg/hosts:FuzzDropIn
@@ -18,7 +21,7 @@ DESTDIR  ?=
 UNITDIR  ?= /etc/systemd/system
 CONFDIR  ?= /etc/node-mirror
 
-.PHONY: all build build-race run test unit e2e conformance fuzz soak vet clean bench install service-check
+.PHONY: containerd2 all build build-race run test unit e2e conformance fuzz soak vet clean bench install service-check
 
 all: build
 
@@ -42,8 +45,15 @@ vet:
 unit:
 	$(GO) test -race -count=1 $$($(GO) list ./... | grep -v /test/)
 
-e2e: build-race
-	NODE_MIRROR_BIN=$(CURDIR)/$(RACE_BIN) $(GO) test -count=1 -timeout 20m ./test/e2e/... ./test/daemon/...
+$(CONTAINERD2_DIR)/containerd $(CONTAINERD2_DIR)/ctr:
+	GOBIN=$(CONTAINERD2_DIR) $(GO) install -tags "no_btrfs no_devmapper no_zfs" \
+	  github.com/containerd/containerd/v2/cmd/containerd@$(CONTAINERD2_VERSION) \
+	  github.com/containerd/containerd/v2/cmd/ctr@$(CONTAINERD2_VERSION)
+
+containerd2: $(CONTAINERD2_DIR)/containerd $(CONTAINERD2_DIR)/ctr
+
+e2e: build-race containerd2
+	CONTAINERD2_DIR=$(CONTAINERD2_DIR) NODE_MIRROR_BIN=$(CURDIR)/$(RACE_BIN) $(GO) test -count=1 -timeout 20m ./test/e2e/... ./test/daemon/...
 
 conformance: build-race
 	NODE_MIRROR_BIN=$(CURDIR)/$(RACE_BIN) $(GO) test -count=1 -timeout 10m ./test/conformance/...

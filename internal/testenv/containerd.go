@@ -29,9 +29,14 @@ type Containerd struct {
 	Namespace string // the containerd namespace ctr uses
 
 	t    testing.TB
+	ctr  string
 	cmd  *exec.Cmd
 	done chan struct{}
 }
+
+// Containerd2Env names the directory holding containerd 2.x's containerd and ctr, which
+// `make containerd2` builds from containerd's Go module (Debian ships only 1.6).
+const Containerd2Env = "CONTAINERD2_DIR"
 
 // StartContainerd starts containerd and waits until ctr can talk to it. It is stopped and
 // its files removed when the test ends. The test fails, with the command that installs
@@ -43,6 +48,34 @@ func StartContainerd(t testing.TB) *Containerd {
 			t.Fatalf("%s is missing (%v): install Debian's containerd with `apt-get install -y containerd`", bin, err)
 		}
 	}
+	return startContainerd(t, ContainerdBin, CtrBin, "")
+}
+
+// StartContainerd2 is StartContainerd with containerd 2.x from $CONTAINERD2_DIR: the
+// version new nodes run, whose transfer service reads the hosts dir inside the daemon.
+func StartContainerd2(t testing.TB) *Containerd {
+	t.Helper()
+	dir := os.Getenv(Containerd2Env)
+	if dir == "" {
+		t.Fatalf("%s is not set: run the real-engine tests with `make e2e`, which builds containerd 2.x (`make containerd2`)", Containerd2Env)
+	}
+	bin, ctr := filepath.Join(dir, "containerd"), filepath.Join(dir, "ctr")
+	for _, b := range []string{bin, ctr} {
+		if _, err := os.Stat(b); err != nil {
+			t.Fatalf("%s is missing (%v): run `make containerd2`", b, err)
+		}
+	}
+	// The transfer service unpacks only where configured; the native snapshotter needs no
+	// kernel support, so pulls unpack here as they would on a node.
+	return startContainerd(t, bin, ctr, `
+[[plugins."io.containerd.transfer.v1.local".unpack_config]]
+  platform = "linux/amd64"
+  snapshotter = "native"
+`)
+}
+
+func startContainerd(t testing.TB, bin, ctr, extra string) *Containerd {
+	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Fatalf("containerd needs root; run the real-engine tests as root (uid is %d)", os.Geteuid())
 	}
@@ -63,6 +96,8 @@ root = %q
 state = %q
 disabled_plugins = [
   "io.containerd.grpc.v1.cri",
+  "io.containerd.cri.v1.images",
+  "io.containerd.cri.v1.runtime",
   "io.containerd.snapshotter.v1.aufs",
   "io.containerd.snapshotter.v1.btrfs",
   "io.containerd.snapshotter.v1.devmapper",
@@ -85,15 +120,15 @@ disabled_plugins = [
 
 [plugins."io.containerd.internal.v1.opt"]
   path = %q
-`, filepath.Join(dir, "root"), filepath.Join(dir, "state"), sock, sock+".ttrpc", filepath.Join(dir, "opt"))
+`, filepath.Join(dir, "root"), filepath.Join(dir, "state"), sock, sock+".ttrpc", filepath.Join(dir, "opt")) + extra
 	cfg := filepath.Join(dir, "config.toml")
 	if err := os.WriteFile(cfg, []byte(conf), 0o600); err != nil {
 		t.Fatal(err)
 	}
 
-	c := &Containerd{Dir: dir, Address: sock, Namespace: "node-mirror-test", t: t, done: make(chan struct{})}
+	c := &Containerd{Dir: dir, Address: sock, Namespace: "node-mirror-test", t: t, ctr: ctr, done: make(chan struct{})}
 	log := &lineLogger{t: t, prefix: "containerd: "}
-	c.cmd = exec.Command(ContainerdBin, "--config", cfg, "--log-level", "warn")
+	c.cmd = exec.Command(bin, "--config", cfg, "--log-level", "warn")
 	c.cmd.Stdout = log
 	c.cmd.Stderr = log
 	c.cmd.WaitDelay = 5 * time.Second
@@ -148,7 +183,7 @@ func (c *Containerd) Ctr(args ...string) (string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	full := append([]string{"--address", c.Address, "--namespace", c.Namespace}, args...)
-	cmd := exec.CommandContext(ctx, CtrBin, full...)
+	cmd := exec.CommandContext(ctx, c.ctr, full...)
 	var out bytes.Buffer
 	cmd.Stdout = &out
 	cmd.Stderr = &out
