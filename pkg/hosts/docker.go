@@ -157,9 +157,11 @@ func mergeDaemonJSON(file string, cur []byte, mirror string, old []string) ([]by
 	if err != nil {
 		return nil, err
 	}
+	// The user's entries stay exactly as they are, duplicates included, so that
+	// uninstall can give the list back unchanged; only ours move or go.
 	want := []string{mirror}
 	for _, m := range list {
-		if m != mirror && !slices.Contains(old, m) && !slices.Contains(want, m) {
+		if m != mirror && !slices.Contains(old, m) {
 			want = append(want, m)
 		}
 	}
