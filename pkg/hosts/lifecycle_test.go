@@ -53,16 +53,15 @@ func appendTo(t *testing.T, root, path, s string) {
 	}
 }
 
-const debianConfig = `version = 2
-
-[plugins]
-  [plugins."io.containerd.grpc.v1.cri"]
-    [plugins."io.containerd.grpc.v1.cri".cni]
-      bin_dir = "/usr/lib/cni"
-      conf_dir = "/etc/cni/net.d"
-  [plugins."io.containerd.internal.v1.opt"]
-    path = "/var/lib/containerd/opt"
-`
+// debianConfig is Debian 12's /etc/containerd/config.toml, as the package installs it; the
+// golden scenario and the e2e test read the same file.
+var debianConfig = func() string {
+	b, err := os.ReadFile("testdata/in/debian-containerd/etc/containerd/config.toml")
+	if err != nil {
+		panic(err)
+	}
+	return string(b)
+}()
 
 // When someone edits a file after install, uninstall keeps their edit and removes only
 // node-mirror's entries.

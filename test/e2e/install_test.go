@@ -30,7 +30,12 @@ func TestInstallRealEngines(t *testing.T) {
 
 	// A host as Debian ships it: containerd's config.toml and an empty registries.conf.d.
 	root := filepath.Join(tmp, "root")
-	installWrite(t, filepath.Join(root, "etc/containerd/config.toml"), debianContainerdConfig)
+	// Debian 12's config.toml as the package installs it, the fixture pkg/hosts tests too.
+	debian, err := os.ReadFile("../../pkg/hosts/testdata/in/debian-containerd/etc/containerd/config.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	installWrite(t, filepath.Join(root, "etc/containerd/config.toml"), string(debian))
 	if err := os.MkdirAll(filepath.Join(root, "etc/containers/registries.conf.d"), 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -68,17 +73,6 @@ func TestInstallRealEngines(t *testing.T) {
 	}
 }
 
-// Debian 12's /etc/containerd/config.toml, as the containerd package installs it.
-const debianContainerdConfig = `version = 2
-
-[plugins]
-  [plugins."io.containerd.grpc.v1.cri"]
-    [plugins."io.containerd.grpc.v1.cri".cni]
-      bin_dir = "/usr/lib/cni"
-      conf_dir = "/etc/cni/net.d"
-  [plugins."io.containerd.internal.v1.opt"]
-    path = "/var/lib/containerd/opt"
-`
 
 // installHaveBlobs checks the mirror's content store holds every digest: the pull went
 // through the mirror.
