@@ -12,6 +12,7 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/opencontainers/go-digest"
 
+	"github.com/node-mirror/node-mirror/internal/countwriter"
 	"github.com/node-mirror/node-mirror/pkg/contentstore"
 	"github.com/node-mirror/node-mirror/pkg/upstream"
 )
@@ -110,10 +111,10 @@ func (m *Mirror) serveStoredBlob(w http.ResponseWriter, r *http.Request, rt rout
 	m.store.Touch(rt.digest)
 	w.Header().Set(cacheHeader, result)
 	setContentHeaders(w, blobContentType, rt.digest.String(), size)
-	cw := &countingWriter{ResponseWriter: w}
+	cw := countwriter.New(w)
 	http.ServeContent(cw, r, "", time.Time{}, f)
 	if result == ResultHit {
-		m.stats.cacheBytes.Add(cw.n)
+		m.stats.cacheBytes.Add(cw.N)
 	}
 	return true
 }
@@ -260,7 +261,9 @@ func (m *Mirror) fetchBlob(d *download, rt route) error {
 	}
 	d.size = size
 	d.ingest = in
-	d.written = in.Offset
+	d.mu.Lock()
+	d.written = in.Offset // a resumed ingest already holds these bytes
+	d.mu.Unlock()
 	start(nil)
 
 	buf := make([]byte, 256<<10)

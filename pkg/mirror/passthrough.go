@@ -196,29 +196,3 @@ func (v *verifyReader) Read(p []byte) (int, error) {
 		}
 	}
 }
-
-// countingWriter counts body bytes without hiding ReadFrom, so files still go out by sendfile.
-type countingWriter struct {
-	http.ResponseWriter
-	n int64
-}
-
-func (c *countingWriter) Write(p []byte) (int, error) {
-	n, err := c.ResponseWriter.Write(p)
-	c.n += int64(n)
-	return n, err
-}
-
-func (c *countingWriter) ReadFrom(src io.Reader) (int64, error) {
-	var n int64
-	var err error
-	if rf, ok := c.ResponseWriter.(io.ReaderFrom); ok {
-		n, err = rf.ReadFrom(src)
-	} else {
-		n, err = io.Copy(struct{ io.Writer }{c.ResponseWriter}, src)
-	}
-	c.n += n
-	return n, err
-}
-
-func (c *countingWriter) Unwrap() http.ResponseWriter { return c.ResponseWriter }

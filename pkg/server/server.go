@@ -12,6 +12,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/node-mirror/node-mirror/internal/countwriter"
 	"github.com/node-mirror/node-mirror/pkg/metrics"
 	"github.com/node-mirror/node-mirror/pkg/mirror"
 )
@@ -139,7 +140,7 @@ func (s *Server) observe(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
 		ctx, out := mirror.WithOutcome(r.Context())
-		rec := &recorder{ResponseWriter: w, status: http.StatusOK}
+		rec := &recorder{Writer: countwriter.New(w), status: http.StatusOK}
 		defer func() {
 			// A handler that aborts (panic(http.ErrAbortHandler)) is still logged.
 			dur := time.Since(start)
@@ -149,50 +150,26 @@ func (s *Server) observe(next http.Handler) http.Handler {
 				if out.Result == mirror.ResultMiss || out.Result == mirror.ResultPassThrough {
 					source = "upstream"
 				}
-				s.opts.Metrics.Served(source, rec.bytes)
+				s.opts.Metrics.Served(source, rec.N)
 			}
 			s.log.Info("request", "method", r.Method, "path", r.URL.Path, "registry", out.Registry,
 				"repo", out.Repo, "kind", out.Kind, "ref", out.Ref, "status", rec.status,
-				"bytes", rec.bytes, "duration_ms", dur.Milliseconds(), "result", out.Result, "remote", r.RemoteAddr)
+				"bytes", rec.N, "duration_ms", dur.Milliseconds(), "result", out.Result, "remote", r.RemoteAddr)
 		}()
 		next.ServeHTTP(rec, r.WithContext(ctx))
 	})
 }
 
-// recorder notes status and body bytes. It passes ReadFrom through so cached blobs still
-// go out by sendfile, and Unwrap so http.ResponseController can flush.
+// recorder notes the status and, through countwriter, the body bytes.
 type recorder struct {
-	http.ResponseWriter
+	*countwriter.Writer
 	status      int
-	bytes       int64
 	wroteHeader bool
 }
 
 func (r *recorder) WriteHeader(code int) {
-	if !r.wroteHeader {
+	if !r.wroteHeader && r.N == 0 {
 		r.status, r.wroteHeader = code, true
 	}
 	r.ResponseWriter.WriteHeader(code)
 }
-
-func (r *recorder) Write(p []byte) (int, error) {
-	r.wroteHeader = true
-	n, err := r.ResponseWriter.Write(p)
-	r.bytes += int64(n)
-	return n, err
-}
-
-func (r *recorder) ReadFrom(src io.Reader) (int64, error) {
-	r.wroteHeader = true
-	var n int64
-	var err error
-	if rf, ok := r.ResponseWriter.(io.ReaderFrom); ok {
-		n, err = rf.ReadFrom(src) // net/http's: sendfile for files
-	} else {
-		n, err = io.Copy(struct{ io.Writer }{r.ResponseWriter}, src)
-	}
-	r.bytes += n
-	return n, err
-}
-
-func (r *recorder) Unwrap() http.ResponseWriter { return r.ResponseWriter }
