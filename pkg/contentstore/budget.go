@@ -73,7 +73,14 @@ func (s *Store) limits(fsTotal int64) (maxSize, minFree int64) {
 // counting their whole reservation again is conservative, never optimistic.
 func (s *Store) overLocked(extra, fsTotal, free int64, factor float64) bool {
 	maxSize, minFree := s.limits(fsTotal)
-	return overBudget(maxSize, minFree, s.used+s.reserved+s.orphanBytes+extra, fsTotal, free-s.unwritten()-extra, factor)
+	return overBudget(maxSize, minFree, s.holdingLocked()+extra, fsTotal, free-s.unwritten()-extra, factor)
+}
+
+// holdingLocked is what the cache holds on disk or has promised: committed blobs, room
+// reserved by downloads, orphaned ingests, and the index itself (it grows with every tag
+// and repository a client names, so it is part of the budget). Call with mu held.
+func (s *Store) holdingLocked() int64 {
+	return s.used + s.reserved + s.orphanBytes + s.indexBytes
 }
 
 // unwritten is what downloads in flight have reserved but not yet written: the part of
@@ -132,6 +139,51 @@ func (r *Reservation) Wrote(n int64) {
 		r.s.reservedWritten += n
 	}
 	r.s.mu.Unlock()
+}
+
+// Extend asks for n more bytes for a download whose length was not known up front (an
+// upstream without Content-Length): the budget is kept as the bytes arrive, and the
+// download is stopped, rather than the disk filled, once it would break it. It evicts like
+// Reserve and fails with ErrNoRoom.
+func (r *Reservation) Extend(ctx context.Context, n int64) error {
+	if n <= 0 {
+		return nil
+	}
+	s := r.s
+	try := func() (bool, error) {
+		total, free, err := s.fsStat()
+		if err != nil {
+			return false, err
+		}
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		if r.done {
+			return false, errors.New("reservation released")
+		}
+		if s.overLocked(n, total, free, 1) {
+			return false, nil
+		}
+		s.reserved += n
+		r.size += n
+		return true, nil
+	}
+	if ok, err := try(); ok || err != nil {
+		return err
+	}
+	if _, err := s.collect(ctx, false, n); err != nil {
+		return err
+	}
+	if ok, err := try(); ok || err != nil {
+		return err
+	}
+	return fmt.Errorf("%w: %d more bytes wanted for a download of unknown length, %d reserved for it", ErrNoRoom, n, r.size)
+}
+
+// Size is the room the reservation holds.
+func (r *Reservation) Size() int64 {
+	r.s.mu.Lock()
+	defer r.s.mu.Unlock()
+	return r.size
 }
 
 // Release returns what is left of the reservation. Safe to call more than once.
@@ -234,6 +286,7 @@ type GCReport struct {
 	Evicted     []Evicted `json:"evicted"`
 	Orphans     []Orphan  `json:"orphans"`
 	StaleIndex  int       `json:"staleIndexEntries"` // index entries whose blob is gone
+	StaleTags   int       `json:"staleTags"`         // tags whose manifest is gone
 	FreedBytes  int64     `json:"freedBytes"`
 	UsageBefore int64     `json:"usageBefore"`
 	UsageAfter  int64     `json:"usageAfter"`
@@ -317,7 +370,7 @@ func (s *Store) collect(ctx context.Context, dryRun bool, extra int64) (GCReport
 			fsFree += pretend + orphanFreed
 		}
 		maxSize, minFree := s.limits(total)
-		over := overBudget(maxSize, minFree, used+s.reserved+orphans+extra, total, fsFree-s.unwritten()-extra, lowWater)
+		over := overBudget(maxSize, minFree, used+s.reserved+orphans+s.indexBytes+extra, total, fsFree-s.unwritten()-extra, lowWater)
 		if !over || s.pins[c.Digest] > 0 {
 			s.mu.Unlock()
 			if !over {
@@ -359,6 +412,12 @@ func (s *Store) collect(ctx context.Context, dryRun bool, extra int64) (GCReport
 		if err := s.dropMeta(append(gone, stale...)); err != nil {
 			return rep, err
 		}
+	}
+	// Tags whose manifest is gone point nowhere: the next pull of the tag asks upstream
+	// anyway. Dropping them keeps the index bounded by what the store holds, whatever
+	// names clients ask for.
+	if rep.StaleTags, err = s.pruneTags(dryRun); err != nil {
+		return rep, err
 	}
 	s.mu.Lock()
 	rep.UsageAfter = s.used
@@ -426,7 +485,7 @@ func (s *Store) dropMeta(ds []digest.Digest) error {
 	if len(ds) == 0 {
 		return nil
 	}
-	return s.db.Update(func(tx *bolt.Tx) error {
+	return s.update(func(tx *bolt.Tx) error {
 		b := tx.Bucket(bucketBlobs)
 		for _, d := range ds {
 			// Re-check: the blob may have been fetched again since it was evicted.
@@ -458,7 +517,7 @@ func (s *Store) Janitor(ctx context.Context, interval time.Duration, report func
 			}
 		}
 		rep, err := s.Collect(ctx, false)
-		if report != nil && (err != nil || rep.FreedBytes > 0 || rep.StaleIndex > 0) {
+		if report != nil && (err != nil || rep.FreedBytes > 0 || rep.StaleIndex > 0 || rep.StaleTags > 0) {
 			report(rep, err)
 		}
 	}

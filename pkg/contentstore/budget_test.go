@@ -3,13 +3,17 @@ package contentstore
 import (
 	"context"
 	"crypto/rand"
+	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/opencontainers/go-digest"
+	bolt "go.etcd.io/bbolt"
 )
 
 // put stores n random bytes as a blob and records it, as the mirror does.
@@ -211,5 +215,160 @@ func TestOrphanedIngestsRemovedAfterGrace(t *testing.T) {
 	}
 	if sts, _ := s.Content().ListStatuses(ctx); len(sts) != 0 {
 		t.Fatalf("orphan left: %v", sts)
+	}
+}
+
+// TestUnknownLengthKeepsTheBudget: a download without a length asks for room as its
+// bytes arrive and is refused once it would break the budget.
+func TestUnknownLengthKeepsTheBudget(t *testing.T) {
+	ctx := context.Background()
+	s := open(t, t.TempDir())
+	defer s.Close()
+	s.SetBudget(Budget{MaxBytes: 10000})
+	r, err := s.Reserve(ctx, -1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Release()
+	grown := int64(0)
+	for range 100 {
+		if err := r.Extend(ctx, 1000); err != nil {
+			if !errors.Is(err, ErrNoRoom) {
+				t.Fatalf("extend: %v, want ErrNoRoom", err)
+			}
+			break
+		}
+		grown += 1000
+	}
+	if grown != 10000 || r.Size() != 10000 {
+		t.Fatalf("grew to %d (reservation %d), want exactly the 10000-byte budget", grown, r.Size())
+	}
+	// The refused growth left nothing behind: released, the room is whole again.
+	r.Release()
+	if _, err := s.Reserve(ctx, 10000); err != nil {
+		t.Fatalf("room not returned: %v", err)
+	}
+}
+
+// TestIndexCountsInTheBudget: tags a client makes the mirror record grow index.db; past
+// its allowance the index takes budget like content.
+func TestIndexCountsInTheBudget(t *testing.T) {
+	ctx := context.Background()
+	s := open(t, t.TempDir())
+	defer s.Close()
+	const budget = 4 << 20
+	s.SetBudget(Budget{MaxBytes: budget})
+	d := digest.FromString("manifest")
+	v, _ := json.Marshal(TagEntry{Digest: d, Size: 1})
+	// What SetTag does for each tag a client names, in a few big transactions for speed.
+	for batch := 0; ; batch++ {
+		err := s.update(func(tx *bolt.Tx) error {
+			for i := range 2000 {
+				k := tagKey("docker.io", "library/app", fmt.Sprintf("tag-%03d-%04d-%s", batch, i, strings.Repeat("x", 100)))
+				if err := tx.Bucket(bucketTags).Put(k, v); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		s.mu.Lock()
+		counted := s.indexBytes
+		s.mu.Unlock()
+		if counted >= 3<<20 {
+			break
+		}
+		if batch > 100 {
+			t.Fatalf("index at %d bytes over its allowance after %d tags", counted, batch*2000)
+		}
+	}
+	s.mu.Lock()
+	counted := s.indexBytes
+	s.mu.Unlock()
+	if counted < 2<<20 {
+		t.Fatalf("index counted as %d bytes against the budget, want its size beyond the allowance", counted)
+	}
+	if s.used != 0 || !s.wouldBreak(2<<20) {
+		t.Fatal("2 MiB more next to an index 3 MiB past its allowance fits a 4 MiB budget: the index is not counted")
+	}
+	r, err := s.Reserve(ctx, 2<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.Release()
+	// The reservation had to collect to fit: the tags point at a manifest the store does
+	// not hold, so the collection dropped them, and the index's freed pages stopped counting.
+	if _, found, _ := s.Tag("docker.io", "library/app", fmt.Sprintf("tag-%03d-%04d-%s", 0, 0, strings.Repeat("x", 100))); found {
+		t.Fatal("a tag without its manifest survived the collection")
+	}
+	s.mu.Lock()
+	counted = s.indexBytes
+	s.mu.Unlock()
+	if counted != 0 {
+		t.Fatalf("emptied index still counted as %d bytes", counted)
+	}
+}
+
+// wouldBreak: would n more bytes break the budget right now?
+func (s *Store) wouldBreak(n int64) bool {
+	total, free, _ := s.fsStat()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.overLocked(n, total, free, 1)
+}
+
+// TestStaleTagsPruned: a tag whose manifest was evicted is dropped by the collection;
+// a tag whose manifest is stored stays; a dry run counts without dropping.
+func TestStaleTagsPruned(t *testing.T) {
+	ctx := context.Background()
+	s := open(t, t.TempDir())
+	defer s.Close()
+	kept := put(t, s, 100)
+	evicted := put(t, s, 100)
+	for tag, d := range map[string]digest.Digest{"kept": kept, "evicted": evicted, "never": digest.FromString("x")} {
+		if err := s.SetTag("docker.io", "library/app", tag, TagEntry{Digest: d, Size: 100}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.Content().Delete(ctx, evicted); err != nil {
+		t.Fatal(err)
+	}
+	dry, err := s.Collect(ctx, true)
+	if err != nil || dry.StaleTags != 2 {
+		t.Fatalf("dry run: %d stale tags, %v; want 2", dry.StaleTags, err)
+	}
+	if _, found, _ := s.Tag("docker.io", "library/app", "never"); !found {
+		t.Fatal("dry run dropped a tag")
+	}
+	rep, err := s.Collect(ctx, false)
+	if err != nil || rep.StaleTags != 2 {
+		t.Fatalf("collect: %d stale tags, %v; want 2", rep.StaleTags, err)
+	}
+	for tag, want := range map[string]bool{"kept": true, "evicted": false, "never": false} {
+		if _, found, _ := s.Tag("docker.io", "library/app", tag); found != want {
+			t.Errorf("tag %s present %v after collection, want %v", tag, found, want)
+		}
+	}
+}
+
+// TestReposPerBlobBounded: asking for a blob under ever new repository names does not
+// grow its index entry without bound.
+func TestReposPerBlobBounded(t *testing.T) {
+	s := open(t, t.TempDir())
+	defer s.Close()
+	d := put(t, s, 10)
+	for i := range 1000 {
+		if err := s.RecordBlob(d, "", 10, fmt.Sprintf("docker.io/x/r%d", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	m, _, err := s.BlobMeta(d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(m.Repos) != maxRepos || m.Repos[len(m.Repos)-1] != "docker.io/x/r999" {
+		t.Fatalf("%d repos kept (last %q), want the %d most recent", len(m.Repos), m.Repos[len(m.Repos)-1], maxRepos)
 	}
 }

@@ -3,6 +3,7 @@ package contentstore
 import (
 	"encoding/json"
 	"fmt"
+	"os"
 	"slices"
 	"time"
 
@@ -64,21 +65,89 @@ func (s *Store) Tag(registry, repo, tag string) (TagEntry, bool, error) {
 	return e, found, nil
 }
 
+// maxRepos bounds the repositories remembered per blob: a client can ask for a blob
+// under any name, and the list is for status reports, not for serving.
+const maxRepos = 16
+
+// update is db.Update that then notes the index's new size for the budget.
+func (s *Store) update(fn func(tx *bolt.Tx) error) error {
+	err := s.db.Update(fn)
+	s.noteIndexSize()
+	return err
+}
+
+// indexAllowance is the part of index.db the budget treats as the store's fixed
+// overhead (an empty index is 32 KiB, a busy node's a few hundred); beyond it, the index
+// counts like cached content, since it grows with every name clients ask for.
+const indexAllowance = 1 << 20
+
+// noteIndexSize records the part of index.db in use, for the budget. bbolt never shrinks
+// its file but reuses freed pages, so pages on its free list do not count: the free
+// space on disk already tells the min_free floor about them.
+func (s *Store) noteIndexSize() {
+	var highWater int64 // bbolt grows its file ahead; pages past this were never used
+	if s.db.View(func(tx *bolt.Tx) error { highWater = tx.Size(); return nil }) != nil {
+		return
+	}
+	inUse := highWater - int64(s.db.Stats().FreeAlloc)
+	s.mu.Lock()
+	s.indexBytes = max(0, inUse-indexAllowance)
+	s.mu.Unlock()
+}
+
 // SetTag records where a tag points.
 func (s *Store) SetTag(registry, repo, tag string, e TagEntry) error {
 	v, err := json.Marshal(e)
 	if err != nil {
 		return err
 	}
-	return s.db.Update(func(tx *bolt.Tx) error {
+	return s.update(func(tx *bolt.Tx) error {
 		return tx.Bucket(bucketTags).Put(tagKey(registry, repo, tag), v)
 	})
 }
 
 // DeleteTag forgets a tag (upstream said it no longer exists).
 func (s *Store) DeleteTag(registry, repo, tag string) error {
-	return s.db.Update(func(tx *bolt.Tx) error {
+	return s.update(func(tx *bolt.Tx) error {
 		return tx.Bucket(bucketTags).Delete(tagKey(registry, repo, tag))
+	})
+}
+
+// pruneTags drops tags whose manifest is no longer in the store and reports how many
+// there were (with dryRun, how many there are).
+func (s *Store) pruneTags(dryRun bool) (int, error) {
+	var stale [][]byte
+	err := s.db.View(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketTags).ForEach(func(k, v []byte) error {
+			var e TagEntry
+			if json.Unmarshal(v, &e) != nil || e.Digest.Validate() != nil {
+				stale = append(stale, slices.Clone(k))
+				return nil
+			}
+			if _, err := os.Stat(s.blobPath(e.Digest)); os.IsNotExist(err) {
+				stale = append(stale, slices.Clone(k))
+			}
+			return nil
+		})
+	})
+	if err != nil || dryRun || len(stale) == 0 {
+		return len(stale), err
+	}
+	return len(stale), s.update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketTags)
+		for _, k := range stale {
+			// Re-check: the tag may have been fetched again since the scan.
+			var e TagEntry
+			if v := b.Get(k); v != nil && json.Unmarshal(v, &e) == nil && e.Digest.Validate() == nil {
+				if _, err := os.Stat(s.blobPath(e.Digest)); err == nil {
+					continue
+				}
+			}
+			if err := b.Delete(k); err != nil {
+				return err
+			}
+		}
+		return nil
 	})
 }
 
@@ -112,7 +181,7 @@ func (s *Store) RecordBlob(dgst digest.Digest, mediaType string, size int64, rep
 	if found && (mediaType == "" || m.MediaType == mediaType) && slices.Contains(m.Repos, repo) {
 		return nil
 	}
-	return s.db.Update(func(tx *bolt.Tx) error {
+	return s.update(func(tx *bolt.Tx) error {
 		b := tx.Bucket(bucketBlobs)
 		var m BlobMeta
 		if v := b.Get([]byte(dgst)); v != nil {
@@ -128,6 +197,9 @@ func (s *Store) RecordBlob(dgst digest.Digest, mediaType string, size int64, rep
 		}
 		if repo != "" && !slices.Contains(m.Repos, repo) {
 			m.Repos = append(m.Repos, repo)
+			if len(m.Repos) > maxRepos {
+				m.Repos = slices.Delete(m.Repos, 0, len(m.Repos)-maxRepos)
+			}
 		}
 		if m.LastAccess == 0 {
 			m.LastAccess = time.Now().Unix()
@@ -160,7 +232,7 @@ func (s *Store) FlushAccess() error {
 	if len(pending) == 0 {
 		return nil
 	}
-	return s.db.Update(func(tx *bolt.Tx) error {
+	return s.update(func(tx *bolt.Tx) error {
 		b := tx.Bucket(bucketBlobs)
 		for d, t := range pending {
 			var m BlobMeta

@@ -47,6 +47,7 @@ type Store struct {
 	reserved        int64 // bytes promised to downloads in flight
 	reservedWritten int64 // of which already written to their ingests
 	orphanBytes     int64 // bytes of ingests found at Open and not yet resumed or removed
+	indexBytes      int64 // index.db beyond indexAllowance, noted after every write to it
 
 	budget      Budget
 	gcMu        sync.Mutex    // one collection at a time
@@ -109,6 +110,7 @@ func Open(dataDir string) (*Store, error) {
 		s.Close()
 		return nil, err
 	}
+	s.noteIndexSize()
 	return s, nil
 }
 
