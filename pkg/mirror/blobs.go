@@ -19,8 +19,11 @@ import (
 
 const blobContentType = "application/octet-stream"
 
+// unknownLengthStep is how much room a download without Content-Length asks for at a time.
+const unknownLengthStep = 8 << 20
+
 func (m *Mirror) serveBlob(w http.ResponseWriter, r *http.Request, rt route) {
-	if m.serveStoredBlob(w, r, rt) {
+	if m.serveStoredBlob(w, r, rt, "") {
 		return
 	}
 	if r.Method == http.MethodHead {
@@ -29,7 +32,7 @@ func (m *Mirror) serveBlob(w http.ResponseWriter, r *http.Request, rt route) {
 	}
 	d := m.joinDownload(rt, false)
 	if d == nil { // committed between our look and the join
-		if !m.serveStoredBlob(w, r, rt) {
+		if !m.serveStoredBlob(w, r, rt, "") {
 			m.fail(w, r, rt, contentstore.ErrNotFound)
 		}
 		return
@@ -42,7 +45,7 @@ func (m *Mirror) serveBlob(w http.ResponseWriter, r *http.Request, rt route) {
 	}
 	switch {
 	case errors.Is(d.startErr, errCommitted):
-		if !m.serveStoredBlob(w, r, rt) {
+		if !m.serveStoredBlob(w, r, rt, "") {
 			m.fail(w, r, rt, contentstore.ErrNotFound)
 		}
 		return
@@ -53,47 +56,56 @@ func (m *Mirror) serveBlob(w http.ResponseWriter, r *http.Request, rt route) {
 		m.fail(w, r, rt, d.startErr)
 		return
 	}
-	if d.size < 0 {
+	win, streamable := requestedWindow(r, d.size, `"`+rt.digest.String()+`"`)
+	if d.size < 0 || !streamable || win.start == win.end {
 		// Without a length there is no honest Content-Length to promise while streaming;
-		// wait for the verified blob instead.
-		err := d.wait(r.Context())
-		if isNoStore(err) {
-			m.passThrough(w, r, rt, err) // nothing was sent yet
-			return
-		}
-		if err != nil {
-			m.fail(w, r, rt, err)
-			return
-		}
-		if !m.serveStoredBlob(w, r, rt) {
-			m.fail(w, r, rt, contentstore.ErrNotFound)
-			return
-		}
-		noteResult(r.Context(), ResultMiss)
+		// several ranges are net/http's job; an empty answer would be complete before the
+		// blob verified. Wait for the verified blob instead.
+		m.serveWhenStored(w, r, rt, d)
 		return
 	}
 	noteResult(r.Context(), ResultMiss)
 	m.count(ResultMiss)
 	w.Header().Set(cacheHeader, ResultMiss)
-	fr := &followReader{d: d, ctx: r.Context(), flush: func() { http.NewResponseController(w).Flush() }}
+	fr := &followReader{d: d, ctx: r.Context(), pos: win.start, end: win.end,
+		flush: func() { http.NewResponseController(w).Flush() }}
 	fr.fallback = func(pos int64) (io.ReadCloser, error) {
 		// The disk filled up under the download: finish this response from upstream.
 		m.notePassThrough(r.Context(), rt, errNoSpace)
-		return m.continueUpstream(r.Context(), rt, d, pos)
+		return m.continueUpstream(r.Context(), rt, d, pos, win.end)
 	}
-	setContentHeaders(w, blobContentType, rt.digest.String(), d.size)
-	http.ServeContent(w, r, "", time.Time{}, fr)
-	fr.close()
-	if fr.failed {
-		// The bytes so far may be wrong. Abort the connection so the client sees a short
-		// body rather than a clean end.
+	defer fr.close()
+	setWindowHeaders(w, rt.digest.String(), d.size, win)
+	w.WriteHeader(win.status())
+	if _, err := io.Copy(w, fr); err != nil || fr.pos != win.end {
+		// The bytes so far may be wrong, or the client left. Abort the connection so the
+		// client sees a short body rather than a clean end.
 		panic(http.ErrAbortHandler)
 	}
 }
 
+// serveWhenStored waits for the download to commit, then answers from the store; a
+// download that could not be stored is passed through (nothing was sent yet).
+func (m *Mirror) serveWhenStored(w http.ResponseWriter, r *http.Request, rt route, d *download) {
+	err := d.wait(r.Context())
+	if isNoStore(err) {
+		m.passThrough(w, r, rt, err)
+		return
+	}
+	if err != nil {
+		m.fail(w, r, rt, err)
+		return
+	}
+	if !m.serveStoredBlob(w, r, rt, ResultMiss) {
+		m.fail(w, r, rt, contentstore.ErrNotFound)
+	}
+}
+
 // serveStoredBlob answers from the store when the blob is there. ServeContent of an
-// *os.File handles Range and HEAD and lets the kernel send the bytes (sendfile).
-func (m *Mirror) serveStoredBlob(w http.ResponseWriter, r *http.Request, rt route) bool {
+// *os.File handles Range and HEAD and lets the kernel send the bytes (sendfile). result
+// is what the request counts as; "" means a hit, unless eager fetching brought the blob
+// in for this very pull.
+func (m *Mirror) serveStoredBlob(w http.ResponseWriter, r *http.Request, rt route, result string) bool {
 	// Pinned before it is opened, so eviction cannot take it between the two.
 	m.store.Pin(rt.digest)
 	defer m.store.Unpin(rt.digest)
@@ -102,13 +114,17 @@ func (m *Mirror) serveStoredBlob(w http.ResponseWriter, r *http.Request, rt rout
 		return false
 	}
 	defer f.Close()
-	result := ResultHit
-	if m.takeEager(rt.digest) {
-		result = ResultMiss // fetched from upstream for this very pull, just ahead of it
+	if result == "" {
+		result = ResultHit
+		if m.takeEager(rt.digest) {
+			result = ResultMiss // fetched from upstream for this very pull, just ahead of it
+		}
 	}
 	noteResult(r.Context(), result)
 	m.count(result)
-	m.store.Touch(rt.digest)
+	if result == ResultHit {
+		m.store.Touch(rt.digest)
+	}
 	w.Header().Set(cacheHeader, result)
 	setContentHeaders(w, blobContentType, rt.digest.String(), size)
 	cw := countwriter.New(w)
@@ -246,19 +262,26 @@ func (m *Mirror) fetchBlob(d *download, rt route) error {
 	}
 	defer resp.Body.Close()
 	size := resp.size
-	if size >= 0 {
-		res, err := m.store.Reserve(ctx, size)
-		if err != nil {
-			// Over budget with everything left in use, or the disk cannot take it: this
-			// blob goes to its clients without being stored.
+	// A blob of unknown length reserves nothing up front and asks for room as its bytes
+	// arrive, so an endless or oversized body stops at the budget instead of filling the disk.
+	res, err := m.store.Reserve(ctx, max(size, 0))
+	if err != nil {
+		// Over budget with everything left in use, or the disk cannot take it: this
+		// blob goes to its clients without being stored.
+		in.Abort()
+		in.Close()
+		return start(fmt.Errorf("%w: %w", errNoRoom, err))
+	}
+	d.res = res
+	defer res.Release() // after the commit, which moved the bytes into the usage
+	if size < 0 && in.Offset > 0 {
+		if err := res.Extend(ctx, in.Offset); err != nil {
 			in.Abort()
 			in.Close()
 			return start(fmt.Errorf("%w: %w", errNoRoom, err))
 		}
-		d.res = res
-		defer res.Release() // after the commit, which moved the bytes into the usage
-		res.Wrote(in.Offset)
 	}
+	res.Wrote(in.Offset)
 	d.size = size
 	d.ingest = in
 	d.mu.Lock()
@@ -270,6 +293,12 @@ func (m *Mirror) fetchBlob(d *download, rt route) error {
 	written := in.Offset
 	for {
 		n, rerr := resp.Body.Read(buf)
+		if n > 0 && size < 0 && written+int64(n) > res.Size() {
+			if err := res.Extend(ctx, max(int64(n), unknownLengthStep)); err != nil {
+				in.Abort()
+				return fmt.Errorf("%w: blob %s of unknown length after %d bytes: %w", errNoRoom, d.dgst, written, err)
+			}
+		}
 		if n > 0 {
 			if _, werr := in.Write(buf[:n]); werr != nil {
 				in.Abort()
@@ -439,15 +468,14 @@ func (d *download) wait(ctx context.Context) error {
 	}
 }
 
-// followReader is an io.ReadSeeker over a download in progress, so http.ServeContent can
-// answer Range and HEAD on it. It never hands out the last byte before the digest has
-// been verified: a client can only see a complete response of verified bytes.
+// followReader reads [pos, end) of a download in progress, waiting for bytes as they
+// arrive. It never hands out the last byte of its window before the download has been
+// verified and committed: a client can only see a complete response of verified bytes.
 type followReader struct {
-	d      *download
-	ctx    context.Context
-	flush  func()
-	pos    int64
-	failed bool
+	d        *download
+	ctx      context.Context
+	flush    func()
+	pos, end int64
 
 	// fallback continues from pos when the download failed for want of disk space.
 	fallback func(pos int64) (io.ReadCloser, error)
@@ -462,15 +490,12 @@ func (f *followReader) close() {
 
 func (f *followReader) Read(p []byte) (int, error) {
 	d := f.d
-	if f.pos >= d.size {
+	if f.pos >= f.end {
 		return 0, io.EOF
 	}
 	if f.alt != nil {
 		n, err := f.alt.Read(p)
 		f.pos += int64(n)
-		if err != nil && err != io.EOF {
-			f.failed = true
-		}
 		return n, err
 	}
 	for {
@@ -480,32 +505,26 @@ func (f *followReader) Read(p []byte) (int, error) {
 		if done && errors.Is(err, errNoSpace) && f.fallback != nil {
 			alt, ferr := f.fallback(f.pos)
 			if ferr != nil {
-				f.failed = true
 				return 0, fmt.Errorf("blob %s: %w (continuing from upstream: %w)", d.dgst, err, ferr)
 			}
 			f.alt = alt
 			return f.Read(p)
 		}
 		if done && err != nil {
-			f.failed = true
 			return 0, fmt.Errorf("blob %s: %w", d.dgst, err)
 		}
-		limit := written
+		limit := min(written, f.end)
 		if !done {
-			limit = min(written, d.size-1) // hold back the final byte until verified
+			limit = min(written, f.end-1) // hold back the window's final byte until verified
 		}
 		if f.pos < limit {
-			n := int64(len(p))
-			if n > limit-f.pos {
-				n = limit - f.pos
-			}
+			n := min(int64(len(p)), limit-f.pos)
 			got, rerr := d.ingest.ReaderAt().ReadAt(p[:n], f.pos)
 			f.pos += int64(got)
 			if got > 0 {
 				return got, nil
 			}
 			if rerr != nil {
-				f.failed = true
 				return 0, rerr
 			}
 		}
@@ -516,22 +535,4 @@ func (f *followReader) Read(p []byte) (int, error) {
 			return 0, f.ctx.Err()
 		}
 	}
-}
-
-func (f *followReader) Seek(offset int64, whence int) (int64, error) {
-	if f.alt != nil {
-		return 0, errors.New("seek after switching to upstream")
-	}
-	switch whence {
-	case io.SeekStart:
-	case io.SeekCurrent:
-		offset += f.pos
-	case io.SeekEnd:
-		offset += f.d.size
-	}
-	if offset < 0 {
-		return 0, errors.New("seek before start")
-	}
-	f.pos = offset
-	return offset, nil
 }

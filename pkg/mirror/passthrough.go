@@ -52,82 +52,83 @@ func (m *Mirror) notePassThrough(ctx context.Context, rt route, why error) {
 // passThrough streams a blob from upstream to the client without storing it: the disk
 // is full or the budget is taken by content in use, and a pull must not fail for that.
 //
-// A whole-blob response is verified as it streams and its final byte is held back until
-// size and digest match, as for stored blobs: a client never sees a complete response of
-// wrong bytes. A Range request is forwarded as is and cannot be verified (nor can it be
-// from the store: a client checks a digest over the whole blob only).
+// Upstream is always asked for the whole blob, which is hashed as it streams; the final
+// byte of the response is held back until size and digest match, so a client never sees
+// a complete response of wrong bytes. A Range request gets its range from that stream (the
+// rest is read and hashed, not sent), so even a short range is verified, at the cost of
+// reading the blob to its end.
 func (m *Mirror) passThrough(w http.ResponseWriter, r *http.Request, rt route, why error) {
 	m.notePassThrough(r.Context(), rt, why)
-	hdr := http.Header{}
-	if rg := r.Header.Get("Range"); rg != "" {
-		hdr.Set("Range", rg)
-	}
 	resp, err := rt.client.Do(r.Context(), upstream.Request{
-		Method: http.MethodGet, Repo: rt.repo, Path: "blobs/" + rt.digest.String(), Header: hdr,
+		Method: http.MethodGet, Repo: rt.repo, Path: "blobs/" + rt.digest.String(),
 	})
 	if err != nil {
 		m.fail(w, r, rt, err)
 		return
 	}
 	defer resp.Body.Close()
-	noteResult(r.Context(), ResultPassThrough)
-	w.Header().Set(cacheHeader, "pass-through")
-	if resp.StatusCode == http.StatusPartialContent {
-		for _, k := range []string{"Content-Range", "Content-Length"} {
-			if v := resp.Header.Get(k); v != "" {
-				w.Header().Set(k, v)
-			}
-		}
-		w.Header().Set("Content-Type", blobContentType)
-		w.Header().Set("Docker-Content-Digest", rt.digest.String())
-		w.WriteHeader(http.StatusPartialContent)
-		io.Copy(w, resp.Body)
+	if resp.StatusCode != http.StatusOK {
+		// A 206 (or any other 2xx) to a request for the whole blob cannot be verified.
+		m.fail(w, r, rt, fmt.Errorf("pass-through of %s: upstream answered %d to a request for the whole blob: %w",
+			rt.digest, resp.StatusCode, errContentMismatch))
 		return
 	}
-	if resp.ContentLength >= 0 {
-		setContentHeaders(w, blobContentType, rt.digest.String(), resp.ContentLength)
+	size := resp.ContentLength
+	if size == 0 && rt.digest != digest.FromBytes(nil) {
+		// An empty response would be complete before anything could be verified.
+		m.fail(w, r, rt, fmt.Errorf("pass-through of %s: upstream sent an empty body: %w", rt.digest, errContentMismatch))
+		return
+	}
+	win, ok := requestedWindow(r, size, `"`+rt.digest.String()+`"`)
+	if !ok || size < 0 {
+		win = window{start: 0, end: size} // RFC 9110 lets a server ignore Range
+	}
+	noteResult(r.Context(), ResultPassThrough)
+	m.count(ResultPassThrough)
+	w.Header().Set(cacheHeader, "pass-through")
+	if size >= 0 {
+		setWindowHeaders(w, rt.digest.String(), size, win)
 	} else {
 		w.Header().Set("Content-Type", blobContentType)
 		w.Header().Set("Docker-Content-Digest", rt.digest.String())
 	}
-	w.WriteHeader(http.StatusOK)
-	vr := newVerifyReader(resp.Body, rt.digest, resp.ContentLength)
+	w.WriteHeader(win.status())
+	vr := newVerifyReader(resp.Body, rt.digest, size, win.start, win.end)
 	if _, err := io.Copy(w, vr); err != nil {
 		m.log.Warn("pass-through blob failed", "registry", rt.registry, "repo", rt.repo, "digest", rt.digest, "err", err)
 		panic(http.ErrAbortHandler) // a short body, never a clean end
 	}
 }
 
-// continueUpstream serves the rest of a blob, from pos, after its download failed for want
-// of disk space. The bytes the ingest holds (still readable: the reader keeps the file
-// open) are hashed first, so the whole blob is verified before the final byte goes out.
-func (m *Mirror) continueUpstream(ctx context.Context, rt route, d *download, pos int64) (io.ReadCloser, error) {
-	d.mu.Lock()
-	have := min(pos, d.written)
-	d.mu.Unlock()
+// continueUpstream serves the rest of a response, [pos, end), after the blob's download
+// failed for want of disk space. The client has bytes of the download's ingest (still
+// readable: the reader keeps the file open); those bytes, ingest[0:pos], are hashed first
+// and upstream continues from pos, so the digest checked before the final byte goes out
+// covers exactly what the client received. An upstream that ignores the Range request
+// sends the blob from 0: its first pos bytes are skipped unhashed.
+func (m *Mirror) continueUpstream(ctx context.Context, rt route, d *download, pos, end int64) (io.ReadCloser, error) {
 	resp, err := rt.client.Do(ctx, upstream.Request{
 		Method: http.MethodGet, Repo: rt.repo, Path: "blobs/" + d.dgst.String(),
-		Header: http.Header{"Range": {fmt.Sprintf("bytes=%d-", have)}},
+		Header: http.Header{"Range": {fmt.Sprintf("bytes=%d-", pos)}},
 	})
 	if err != nil {
 		return nil, err
 	}
-	vr := newVerifyReader(resp.Body, d.dgst, d.size)
-	skip := pos
-	if total, ok := continuesAt(resp, have); ok && total == d.size {
-		if _, err := io.Copy(vr.digester.Hash(), io.NewSectionReader(d.ingest.ReaderAt(), 0, have)); err != nil {
+	vr := newVerifyReader(resp.Body, d.dgst, d.size, pos, end)
+	if _, err := io.Copy(vr.hash, io.NewSectionReader(d.ingest.ReaderAt(), 0, pos)); err != nil {
+		resp.Body.Close()
+		return nil, err
+	}
+	vr.n = pos
+	if total, ok := continuesAt(resp, pos); !ok || total != d.size {
+		if resp.StatusCode != http.StatusOK {
+			resp.Body.Close()
+			return nil, fmt.Errorf("upstream answered %d (%q) to a range request from %d", resp.StatusCode, resp.Header.Get("Content-Range"), pos)
+		}
+		if _, err := io.CopyN(io.Discard, resp.Body, pos); err != nil {
 			resp.Body.Close()
 			return nil, err
 		}
-		vr.n = have
-		skip = pos - have
-	} else if resp.StatusCode != http.StatusOK {
-		resp.Body.Close()
-		return nil, fmt.Errorf("upstream answered %d to a range request", resp.StatusCode)
-	}
-	if _, err := io.CopyN(io.Discard, vr, skip); err != nil {
-		resp.Body.Close()
-		return nil, err
 	}
 	return struct {
 		io.Reader
@@ -135,25 +136,29 @@ func (m *Mirror) continueUpstream(ctx context.Context, rt route, d *download, po
 	}{vr, resp.Body}, nil
 }
 
-// verifyReader passes a blob through and holds back its final byte until the size and
-// digest of everything read are known to match.
+// verifyReader reads a blob from r, hashing every byte, and returns the part of it in
+// [from, to) (to < 0: to the end). The last byte it returns is held back until the whole
+// blob has been read and its size and digest match, so what it returns is never complete
+// unless verified. n says how much of the blob was hashed before r (a continuation).
 type verifyReader struct {
 	r        io.Reader
 	want     digest.Digest
 	size     int64 // -1 if unknown
+	from, to int64
 	digester digest.Digester
 	hash     hash.Hash
-	n        int64 // bytes hashed so far
-	buf      []byte
-	start    int
-	end      int
-	eof      bool
+	n        int64  // bytes of the blob hashed so far
+	buf      []byte // read buffer
+	pend     []byte // window bytes read and not yet returned; its last one waits
+	spare    []byte // backing store for pend
+	verified bool
 	err      error
 }
 
-func newVerifyReader(r io.Reader, want digest.Digest, size int64) *verifyReader {
+func newVerifyReader(r io.Reader, want digest.Digest, size, from, to int64) *verifyReader {
 	dg := want.Algorithm().Digester()
-	return &verifyReader{r: r, want: want, size: size, digester: dg, hash: dg.Hash(), buf: make([]byte, 64<<10)}
+	return &verifyReader{r: r, want: want, size: size, from: from, to: to, digester: dg, hash: dg.Hash(),
+		buf: make([]byte, 64<<10), spare: make([]byte, 0, 64<<10+1)}
 }
 
 func (v *verifyReader) Read(p []byte) (int, error) {
@@ -161,24 +166,28 @@ func (v *verifyReader) Read(p []byte) (int, error) {
 		if v.err != nil {
 			return 0, v.err
 		}
-		avail := v.end - v.start
-		if !v.eof {
-			avail-- // the last byte seen so far might be the final one
-		}
-		if avail > 0 {
-			n := copy(p, v.buf[v.start:v.start+avail])
-			v.start += n
+		if k := len(v.pend); k > 1 || (v.verified && k > 0) {
+			if !v.verified {
+				k-- // this might be the final byte
+			}
+			n := copy(p, v.pend[:k])
+			v.pend = v.pend[n:]
 			return n, nil
 		}
-		if v.eof {
+		if v.verified {
 			return 0, io.EOF
 		}
-		copy(v.buf, v.buf[v.start:v.end])
-		v.end -= v.start
-		v.start = 0
-		n, err := v.r.Read(v.buf[v.end:])
-		v.hash.Write(v.buf[v.end : v.end+n])
-		v.end += n
+		v.pend = append(v.spare[:0], v.pend...) // at most the one held byte
+		n, err := v.r.Read(v.buf)
+		chunk := v.buf[:n]
+		v.hash.Write(chunk)
+		lo, hi := max(v.from, v.n), v.n+int64(n)
+		if v.to >= 0 {
+			hi = min(hi, v.to)
+		}
+		if lo < hi {
+			v.pend = append(v.pend, chunk[lo-v.n:hi-v.n]...)
+		}
 		v.n += int64(n)
 		if v.size >= 0 && v.n > v.size {
 			v.err = fmt.Errorf("upstream sent more than %d bytes: %w", v.size, errContentMismatch)
@@ -187,10 +196,10 @@ func (v *verifyReader) Read(p []byte) (int, error) {
 		switch {
 		case err == io.EOF:
 			if got := v.digester.Digest(); got != v.want || (v.size >= 0 && v.n != v.size) {
-				v.err = fmt.Errorf("passed-through blob: %d bytes with digest %s, want %s: %w", v.n, got, v.want, errContentMismatch)
+				v.err = fmt.Errorf("blob from upstream: %d bytes with digest %s, want %s: %w", v.n, got, v.want, errContentMismatch)
 				continue
 			}
-			v.eof = true
+			v.verified = true
 		case err != nil:
 			v.err = err
 		}

@@ -303,3 +303,59 @@ func TestResumeOrphanedIngest(t *testing.T) {
 		})
 	}
 }
+
+// TestDiskFillsMidDownloadRangeIgnored (issue 10.10): the disk fills under a download whose
+// first half was corrupt, and the upstream answers the mirror's Range request with the
+// whole, right blob (200). The client already holds the wrong first half: the check must
+// cover what it received, so the response is cut, never a complete 200.
+func TestDiskFillsMidDownloadRangeIgnored(t *testing.T) {
+	dir := tinyFS(t, "4m")
+	up := newUpstream(t)
+	want := bytes.Repeat([]byte("disk fills "), 100<<10)
+	d := digest.FromBytes(want)
+	path := "/v2/library/app/blobs/" + d.String()
+	bad := bytes.Clone(want)
+	bad[10] ^= 0xff
+	half := make(chan struct{})
+	filled := make(chan struct{})
+	var once sync.Once
+	var gets atomic.Int32
+	up.setHook(func(w http.ResponseWriter, r *http.Request) bool {
+		if r.URL.Path != path || r.Method != http.MethodGet {
+			return false
+		}
+		w.Header().Set("Content-Length", fmt.Sprint(len(want)))
+		if gets.Add(1) > 1 {
+			w.Write(want) // Range ignored: the whole blob, right this time
+			return true
+		}
+		w.Write(bad[:len(bad)/2])
+		w.(http.Flusher).Flush()
+		once.Do(func() { close(half) })
+		<-filled
+		w.Write(bad[len(bad)/2:])
+		return true
+	})
+	tm := newMirrorAt(t, filepath.Join(dir, "data"), map[string][]string{"docker.io": {up.srv.URL}},
+		func(o *Options) { o.EagerFetch = -1 })
+	go func() {
+		defer close(filled)
+		<-half
+		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+			if downloadedAtLeast(tm, int64(len(want)/2)) {
+				break
+			}
+		}
+		if err := fill(dir, 0); err != nil {
+			t.Error(err)
+		}
+	}()
+	status, body, clean := fetch(t, tm.srv.URL+path)
+	if status == http.StatusOK && clean {
+		t.Fatalf("a complete 200 of %d bytes (right: %v) although the client got a corrupt first half", len(body), bytes.Equal(body, want))
+	}
+	if gets.Load() < 2 {
+		t.Fatal("the response was not continued from upstream; the test proves nothing")
+	}
+	assertStoreIntact(t, tm)
+}
