@@ -23,7 +23,6 @@ var (
 	errNameInvalid      = wireError{status: http.StatusBadRequest, code: "NAME_INVALID", message: "invalid repository name"}
 	errNameUnknown      = wireError{status: http.StatusNotFound, code: "NAME_UNKNOWN", message: "repository name not known to registry"}
 	errDigestInvalid    = wireError{status: http.StatusBadRequest, code: "DIGEST_INVALID", message: "invalid digest: want <algorithm>:<hex> with sha256 or sha512"}
-	errTagInvalid       = wireError{status: http.StatusBadRequest, code: "TAG_INVALID", message: "invalid tag"}
 	errManifestUnknown  = wireError{status: http.StatusNotFound, code: "MANIFEST_UNKNOWN", message: "manifest unknown"}
 	errManifestInvalid  = wireError{status: http.StatusBadGateway, code: "MANIFEST_INVALID", message: "manifest invalid"}
 	errBlobUnknown      = wireError{status: http.StatusNotFound, code: "BLOB_UNKNOWN", message: "blob unknown to registry"}

@@ -50,7 +50,9 @@ func (m *Mirror) serveManifest(w http.ResponseWriter, r *http.Request, rt route)
 	}
 	noteResult(r.Context(), result)
 	m.count(result)
-	m.store.Touch(mf.digest)
+	if result != ResultMiss {
+		m.store.Touch(mf.digest) // served from the store: an access, and a hit in its stats
+	}
 	setContentHeaders(w, mf.mediaType, mf.digest.String(), int64(len(mf.body)))
 	w.WriteHeader(http.StatusOK)
 	if r.Method == http.MethodGet {
@@ -62,22 +64,34 @@ func (m *Mirror) serveManifest(w http.ResponseWriter, r *http.Request, rt route)
 	}
 }
 
-// cachedManifest reads a manifest from the store, with its media type from the index or,
-// failing that, from the manifest itself.
+// cachedManifest reads a manifest from the store. Only a blob the index records as a
+// manifest, and no larger than the manifest limit, is one: anything else (a layer asked
+// for under manifests/) is not found, and its size is checked before a byte is read, so
+// no request can make the mirror hold more than the limit in memory.
 func (m *Mirror) cachedManifest(dgst digest.Digest) (*manifest, error) {
-	body, err := m.store.ReadBlob(dgst)
+	meta, found, err := m.store.BlobMeta(dgst)
 	if err != nil {
 		return nil, err
 	}
-	meta, _, err := m.store.BlobMeta(dgst)
+	limit := m.opts.MaxManifestSize
+	if !found || meta.MediaType == "" || meta.Size > limit {
+		return nil, fmt.Errorf("manifest %s: %w", dgst, contentstore.ErrNotFound)
+	}
+	m.store.Pin(dgst)
+	defer m.store.Unpin(dgst)
+	f, size, err := m.store.OpenBlob(dgst)
 	if err != nil {
 		return nil, err
 	}
-	mt := meta.MediaType
-	if mt == "" {
-		mt = sniffMediaType(body)
+	defer f.Close()
+	if size > limit {
+		return nil, fmt.Errorf("manifest %s: %d bytes stored, over the %d-byte limit: %w", dgst, size, limit, contentstore.ErrNotFound)
 	}
-	return &manifest{body: body, mediaType: mt, digest: dgst}, nil
+	body := make([]byte, size)
+	if _, err := io.ReadFull(f, body); err != nil {
+		return nil, fmt.Errorf("reading manifest %s: %w", dgst, err)
+	}
+	return &manifest{body: body, mediaType: meta.MediaType, digest: dgst}, nil
 }
 
 func (m *Mirror) manifestByDigest(ctx context.Context, rt route, dgst digest.Digest) (*manifest, string, error) {
@@ -150,6 +164,29 @@ func (m *Mirror) fetchManifest(ctx context.Context, rt route, ref string, want d
 
 func tagKey(rt route) string { return rt.registry + "/" + rt.repo + ":" + rt.ref }
 
+// maxChecked bounds the revalidation times kept in memory; clients choose the tags.
+const maxChecked = 8192
+
+// markChecked notes a successful revalidation. An entry is worth keeping only while it is
+// fresh, so when the map is full the stale ones go, and if that is not enough, all do
+// (the cost is one HEAD per tag on its next request).
+func (m *Mirror) markChecked(key string, freshness time.Duration) {
+	now := time.Now()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if len(m.checked) >= maxChecked {
+		for k, t := range m.checked {
+			if now.Sub(t) >= freshness {
+				delete(m.checked, k)
+			}
+		}
+		if len(m.checked) >= maxChecked {
+			clear(m.checked)
+		}
+	}
+	m.checked[key] = now
+}
+
 // manifestByTag serves a tag from cache while it is fresh, and otherwise revalidates it
 // with a HEAD (coalesced across clients). When upstream is down, slow, rate-limiting or
 // failing, the cached answer is served (stale-if-error); a 404 from upstream is a 404.
@@ -175,6 +212,9 @@ func (m *Mirror) manifestByTag(ctx context.Context, rt route) (*manifest, string
 	ch := m.flight.DoChan("tag:"+key, func() (any, error) {
 		return m.revalidateTag(rt, cached)
 	})
+	if m.tagWaitHook != nil {
+		m.tagWaitHook()
+	}
 	var stale <-chan time.Time
 	if cached != nil {
 		t := time.NewTimer(m.opts.StaleAfter)
@@ -252,9 +292,7 @@ func (m *Mirror) revalidateTag(rt route, cached *manifest) (*manifest, error) {
 			return mf, nil // not marked fresh: the next request asks upstream again
 		}
 	}
-	m.mu.Lock()
-	m.checked[tagKey(rt)] = time.Now()
-	m.mu.Unlock()
+	m.markChecked(tagKey(rt), rt.policy.tagFreshness)
 	return mf, nil
 }
 

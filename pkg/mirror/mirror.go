@@ -72,8 +72,12 @@ type Mirror struct {
 	mu        sync.Mutex
 	downloads map[string]*download   // blob digest -> the one download in flight
 	checked   map[string]time.Time   // tag key -> last successful revalidation
-	lists     map[string]*listAnswer // tags/list and referrers answers
+	lists     listCache              // tags/list and referrers answers
+	listSlots chan struct{}          // list fetches in flight (each holds its body in memory)
 	eagerDone map[digest.Digest]bool // fetched ahead of the engine, not yet served
+
+	// tagWaitHook, set by tests only, runs when a tag request has joined its revalidation.
+	tagWaitHook func()
 }
 
 // New returns a Mirror over the given store and registries.
@@ -99,7 +103,7 @@ func New(opts Options) (*Mirror, error) {
 		cancel:    cancel,
 		downloads: map[string]*download{},
 		checked:   map[string]time.Time{},
-		lists:     map[string]*listAnswer{},
+		listSlots: make(chan struct{}, maxListFetches),
 		eagerDone: map[digest.Digest]bool{},
 	}
 	if err := m.Reconfigure(opts.Registries, opts.DefaultRegistry, opts.TagFreshness, opts.ListTTL); err != nil {

@@ -4,11 +4,18 @@ import (
 	"net/http"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 
 	"github.com/opencontainers/go-digest"
 
 	"github.com/node-mirror/node-mirror/pkg/upstream"
+)
+
+// How a request named its registry.
+const (
+	viaNS     = "ns"
+	viaPrefix = "prefix"
 )
 
 const (
@@ -25,6 +32,9 @@ type route struct {
 	kind     string
 	ref      string        // tag, digest string, or "list"
 	digest   digest.Digest // set when ref is a digest
+	// via is how the request named the registry: viaNS, viaPrefix, or "" for the default.
+	// Links the mirror hands back (pagination) must name it the same way.
+	via string
 
 	// Taken from the configuration when the request arrived, so a reload never changes
 	// what an in-flight request talks to.
@@ -82,9 +92,9 @@ func parseRoute(r *http.Request, isRegistry func(string) bool, def string) (rout
 		if !isRegistry(ns) {
 			return route{}, errRegistryUnknown(ns)
 		}
-		rt.registry = ns
+		rt.registry, rt.via = ns, viaNS
 	case len(nameSegs) > 1 && isRegistry(nameSegs[0]):
-		rt.registry = nameSegs[0]
+		rt.registry, rt.via = nameSegs[0], viaPrefix
 		nameSegs = nameSegs[1:]
 	case def != "":
 		rt.registry = def
@@ -119,7 +129,11 @@ func parseRoute(r *http.Request, isRegistry func(string) bool, def string) (rout
 			}
 			rt.digest = d
 		} else if !tagRe.MatchString(rt.ref) {
-			return route{}, &errTagInvalid
+			// Only pulls come here, and a reference that cannot be a tag names no manifest:
+			// "manifest unknown", as the reference registry and the 2023 conformance
+			// suite have it.
+			e := errManifestUnknown.with("manifest unknown: " + strconv.Quote(rt.ref) + " is not a valid tag or digest")
+			return route{}, &e
 		}
 	}
 	return rt, nil
