@@ -92,7 +92,7 @@ func TestBlobFaults(t *testing.T) {
 			layers, _ := img.Layers()
 			ld, _ := layers[0].Digest()
 			want := mustRead(t, layers[0])
-			tm := newMirror(t, map[string][]string{"docker.io": {up.srv.URL}})
+			tm := newMirrorWith(t, t.TempDir(), map[string][]string{"docker.io": {up.srv.URL}}, faultClient)
 			url := tm.srv.URL + "/v2/library/app/blobs/" + ld.String()
 
 			up.fault.RequireToken(tc.token)
@@ -139,7 +139,7 @@ func TestManifestFaults(t *testing.T) {
 			otherRaw, _ := other.RawManifest()
 			up.push(t, "library/app", "v1", img)
 			want, _ := img.Digest()
-			tm := newMirror(t, map[string][]string{"docker.io": {up.srv.URL}}, func(o *Options) { o.TagFreshness = 0 })
+			tm := newMirrorWith(t, t.TempDir(), map[string][]string{"docker.io": {up.srv.URL}}, faultClient, func(o *Options) { o.TagFreshness = 0 })
 
 			// Cold, by digest: an error, never the wrong manifest.
 			up.fault.Set(fault.Rule{Kind: kind, Method: http.MethodGet, PathContains: "/manifests/", Manifest: otherRaw})
@@ -190,7 +190,7 @@ func TestCachedServedWhileUpstreamStalls(t *testing.T) {
 	cold := randomImage(t, 1<<20, 1)
 	up.push(t, "library/cached", "v1", cached)
 	up.push(t, "library/cold", "v1", cold)
-	tm := newMirror(t, map[string][]string{"docker.io": {up.srv.URL}})
+	tm := newMirrorWith(t, t.TempDir(), map[string][]string{"docker.io": {up.srv.URL}}, faultClient)
 	tm.pull(t, "library/cached:v1")
 
 	cl, _ := cold.Layers()

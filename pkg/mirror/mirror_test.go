@@ -135,8 +135,30 @@ func newMirror(t *testing.T, registries map[string][]string, opts ...mirrorOpt) 
 	return newMirrorAt(t, t.TempDir(), registries, opts...)
 }
 
+// Upstream client timings for tests. They leave room for a race build on a loaded
+// 2-core machine, which runs ten times slower than a plain one: a stall timeout of half a
+// second cut healthy downloads there. Tests of stalls use faultClient.
+var (
+	testClient = upstream.Options{
+		BaseBackoff: 10 * time.Millisecond, StallTimeout: 15 * time.Second,
+		HeaderTimeout: 15 * time.Second, MaxRetryAfter: 2 * time.Second,
+	}
+	// faultClient gives up on a stalled upstream within seconds, so tests that stall it
+	// on purpose finish; its healthy transfers are small.
+	faultClient = upstream.Options{
+		BaseBackoff: 10 * time.Millisecond, StallTimeout: 2 * time.Second,
+		HeaderTimeout: 2 * time.Second, MaxRetryAfter: 2 * time.Second,
+	}
+)
+
 // newMirrorAt is newMirror on a given data dir.
 func newMirrorAt(t *testing.T, dataDir string, registries map[string][]string, opts ...mirrorOpt) *testMirror {
+	t.Helper()
+	return newMirrorWith(t, dataDir, registries, testClient, opts...)
+}
+
+// newMirrorWith is newMirrorAt with the given upstream client options.
+func newMirrorWith(t *testing.T, dataDir string, registries map[string][]string, uo upstream.Options, opts ...mirrorOpt) *testMirror {
 	t.Helper()
 	store, err := contentstore.Open(dataDir)
 	if err != nil {
@@ -145,10 +167,8 @@ func newMirrorAt(t *testing.T, dataDir string, registries map[string][]string, o
 	t.Cleanup(func() { store.Close() })
 	clients := map[string]*upstream.Client{}
 	for name, eps := range registries {
-		c, err := upstream.New(name, eps, "", "", upstream.Options{
-			BaseBackoff: 10 * time.Millisecond, StallTimeout: 500 * time.Millisecond,
-			HeaderTimeout: 2 * time.Second, MaxRetryAfter: 2 * time.Second, Logger: nopLogger(),
-		})
+		uo.Logger = nopLogger()
+		c, err := upstream.New(name, eps, "", "", uo)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -634,6 +654,8 @@ func TestTagRevalidationCoalesced(t *testing.T) {
 		}
 		return false
 	})
+	var joined atomic.Int32
+	tm.tagWaitHook = func() { joined.Add(1) }
 	var wg sync.WaitGroup
 	for i := 0; i < 16; i++ {
 		wg.Add(1)
@@ -645,7 +667,13 @@ func TestTagRevalidationCoalesced(t *testing.T) {
 			}
 		}()
 	}
-	time.Sleep(200 * time.Millisecond)
+	// Open the gate only once every client has joined the one revalidation in flight.
+	for deadline := time.Now().Add(30 * time.Second); joined.Load() < 16; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			close(gate)
+			t.Fatalf("only %d of 16 clients joined the revalidation", joined.Load())
+		}
+	}
 	close(gate)
 	wg.Wait()
 	if n := up.requests(http.MethodHead, "/v2/library/app/manifests/v1") - before; n != 1 {
@@ -769,7 +797,10 @@ func TestBadRequests(t *testing.T) {
 		{"GET", "/v2/library%2Fapp/manifests/v1", 400, "NAME_INVALID"},
 		{"GET", "/v2/library/app/blobs/sha256%2F..%2F..", 400, "NAME_INVALID"},
 		{"GET", "/v2//app/manifests/v1", 400, "NAME_INVALID"},
-		{"GET", "/v2/app/manifests/-bad", 400, "TAG_INVALID"},
+		// A pull of a reference that cannot exist: manifest unknown (issue 11.7).
+		{"GET", "/v2/app/manifests/-bad", 404, "MANIFEST_UNKNOWN"},
+		{"GET", "/v2/app/manifests/.INVALID_MANIFEST_NAME", 404, "MANIFEST_UNKNOWN"},
+		{"HEAD", "/v2/app/manifests/.INVALID_MANIFEST_NAME", 404, ""},
 		{"GET", "/v2/app/manifests/sha256:abc", 400, "DIGEST_INVALID"},
 		{"GET", "/v2/app/blobs/sha256:zz", 400, "DIGEST_INVALID"},
 		{"GET", "/v2/app/blobs/md5:d41d8cd98f00b204e9800998ecf8427e", 400, "DIGEST_INVALID"},
@@ -790,6 +821,12 @@ func TestBadRequests(t *testing.T) {
 		{"GET", "/v2/app/blobs/" + d, 404, "BLOB_UNKNOWN"},
 	} {
 		resp, body := tm.get(t, tc.method, tc.path)
+		if tc.method == http.MethodHead {
+			if resp.StatusCode != tc.status || len(body) != 0 {
+				t.Errorf("%s %s: got %d with %d body bytes, want %d and none", tc.method, tc.path, resp.StatusCode, len(body), tc.status)
+			}
+			continue
+		}
 		var env envelope
 		if resp.StatusCode != tc.status || json.Unmarshal(body, &env) != nil || len(env.Errors) != 1 || env.Errors[0].Code != tc.code {
 			t.Errorf("%s %s: got %d %s, want %d %s", tc.method, tc.path, resp.StatusCode, body, tc.status, tc.code)

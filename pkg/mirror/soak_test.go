@@ -49,7 +49,7 @@ func TestSoak(t *testing.T) {
 		imgs[i] = randomImage(t, int64(32<<10+i*8<<10), 3)
 		up.push(t, fmt.Sprintf("library/img%d", i), "v1", imgs[i])
 	}
-	tm := newMirror(t, map[string][]string{"docker.io": {up.srv.URL}}, func(o *Options) { o.TagFreshness = 0 })
+	tm := newMirrorWith(t, t.TempDir(), map[string][]string{"docker.io": {up.srv.URL}}, faultClient, func(o *Options) { o.TagFreshness = 0 })
 	// Runs before goleak's check (deferred first), also when an assertion fails.
 	defer func() {
 		tm.srv.Close()
