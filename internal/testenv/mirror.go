@@ -171,6 +171,9 @@ func (m *Mirror) Kill() {
 	<-m.done
 }
 
+// PID is the daemon's process id.
+func (m *Mirror) PID() int { return m.cmd.Process.Pid }
+
 // Signal sends sig to the process (SIGHUP reloads its config).
 func (m *Mirror) Signal(sig os.Signal) error { return m.cmd.Process.Signal(sig) }
 
