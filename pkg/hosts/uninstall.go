@@ -1,0 +1,99 @@
+package hosts
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+)
+
+// Uninstall plans undoing what install recorded.
+func Uninstall(root string) (*Plan, error) {
+	pl, err := newPlanner(root)
+	if err != nil {
+		return nil, err
+	}
+	st, stateBytes, err := loadState(pl.plan.root)
+	if err != nil {
+		return nil, err
+	}
+	if st == nil {
+		pl.plan.note("nothing to undo: %s does not exist", pl.plan.onDisk(StatePath))
+		return pl.plan, nil
+	}
+	pl.plan.stateOld = stateBytes
+	for _, rec := range st.Files {
+		pl.revert(rec, st.MirrorURLs)
+	}
+	if err := errors.Join(pl.errs...); err != nil {
+		return nil, fmt.Errorf("nothing was changed: %w", err)
+	}
+	for _, path := range sortedKeys(pl.files) {
+		c := pl.files[path]
+		if c.changed() {
+			pl.plan.changes = append(pl.plan.changes, c)
+		}
+	}
+	pl.plan.rmdirs = deepestFirst(st.CreatedDirs)
+	return pl.plan, nil
+}
+
+// revert plans putting one recorded file back.
+func (pl *planner) revert(rec fileRecord, mirrors []string) {
+	c, err := pl.read(rec.Path, rec.Engine, rec.Kind)
+	if err != nil {
+		pl.fail(err)
+		return
+	}
+	disk := pl.plan.onDisk(rec.Path)
+	if !c.exists {
+		pl.plan.note("%s is gone already; leaving it so", disk)
+		return
+	}
+	cur := sum(c.old)
+	switch {
+	case cur == rec.InstalledSHA256 && !rec.Diverged:
+		if !rec.Existed {
+			c.remove, c.new = true, nil
+			return
+		}
+		c.new = rec.Original
+		if rec.Kind == kindDaemonJSON {
+			// dockerd's reload keeps old mirrors when the key is missing; say "none" instead.
+			b, err := emptyMirrorsDaemonJSON(disk, rec.Original)
+			if err != nil {
+				pl.fail(err)
+				return
+			}
+			if !bytes.Equal(b, rec.Original) {
+				pl.plan.note("%s: registry-mirrors was not set before install; leaving it as [] so a reload drops the mirror", disk)
+			}
+			c.new = b
+		}
+		return
+	case cur == rec.OriginalSHA256:
+		return
+	}
+	var b []byte
+	switch rec.Kind {
+	case kindHostsTOML:
+		b, err = unmergeHostsTOML(disk, c.old, mirrors, rec.AddedServer)
+	case kindContainerdConf:
+		b, err = revertConfigPath(disk, c.old, rec.Original, rec.ConfigPath)
+	case kindDaemonJSON:
+		b, err = unmergeDaemonJSON(disk, c.old, mirrors)
+	case kindContainersDropI:
+		b, err = unmergeDropIn(disk, c.old, mirrors)
+	default:
+		err = fmt.Errorf("%s: unknown kind %q in %s", disk, rec.Kind, pl.plan.onDisk(StatePath))
+	}
+	if err != nil {
+		pl.fail(err)
+		return
+	}
+	if b == nil {
+		c.remove, c.new = true, nil
+	} else {
+		c.new = b
+	}
+	pl.plan.note("%s was changed since install: removing only node-mirror's entries", disk)
+}
