@@ -187,6 +187,12 @@ func (pl *planner) crio() []string {
 		if len(regs) == 0 {
 			regs = config.DefaultRegistries
 		}
+		for _, r := range regs {
+			if err := validRegistry(r); err != nil {
+				pl.fail(fmt.Errorf("registries served by the mirror: %w", err))
+				return nil
+			}
+		}
 		pl.plan.note("crio: registries.conf has no catch-all entry; mirroring the registries node-mirror serves: %s", strings.Join(regs, ", "))
 	}
 	for _, r := range regs {
