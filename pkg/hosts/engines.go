@@ -95,6 +95,11 @@ func (pl *planner) containerd() []string {
 		}
 		var needsSet bool
 		dir, needsSet = cfg.hostsDir()
+		if !filepath.IsAbs(dir) {
+			pl.fail(fmt.Errorf("%s: config_path %q is not an absolute path, so install cannot tell where containerd reads hosts.toml files", disk, dir))
+			return nil
+		}
+		dir = filepath.Clean(dir)
 		if needsSet {
 			b, err := setConfigPath(disk, d, cfg, dir)
 			if err != nil {

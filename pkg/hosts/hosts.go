@@ -6,6 +6,8 @@
 // that does not parse stops the whole run before any file changed. Apply writes each file
 // atomically and records what it changed in StatePath, which Uninstall uses to restore
 // each file byte for byte, or, when someone edited a file since, to remove only our entries.
+// The record decides what uninstall writes as root, so it is read only if nobody but root
+// could have written it, and it may name only the files install writes.
 package hosts
 
 import (

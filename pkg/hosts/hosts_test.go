@@ -71,7 +71,12 @@ func snapshot(t *testing.T, root string) map[string]entry {
 			return err
 		}
 		e := entry{mode: fi.Mode()}
-		if !d.IsDir() {
+		if fi.Mode()&fs.ModeSymlink != 0 {
+			e.data, err = os.Readlink(p)
+			if err != nil {
+				return err
+			}
+		} else if !d.IsDir() {
 			b, err := os.ReadFile(p)
 			if err != nil {
 				return err

@@ -21,7 +21,7 @@ func Install(o Options) (*Plan, error) {
 		return nil, err
 	}
 	pl.opts = o
-	st, stateBytes, err := loadState(pl.plan.root)
+	st, stateBytes, err := pl.loadState()
 	if err != nil {
 		return nil, err
 	}

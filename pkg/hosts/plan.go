@@ -104,17 +104,18 @@ func (p *Plan) Summary() []string {
 // way leaves a record uninstall can work from), then each file, atomically.
 func (p *Plan) Apply() error {
 	for _, d := range p.mkdirs {
-		if err := os.Mkdir(p.onDisk(d), 0o755); err != nil && !errors.Is(err, fs.ErrExist) {
+		mode := fs.FileMode(0o755)
+		if d == filepath.Dir(StatePath) {
+			mode = 0o700 // only root (only we) may write or read install state
+		}
+		if err := os.Mkdir(p.onDisk(d), mode); err != nil && !errors.Is(err, fs.ErrExist) {
 			return fmt.Errorf("creating %s: %w", p.onDisk(d), err)
 		}
 	}
 	statePath := p.onDisk(StatePath)
 	if p.stateNew != nil && !bytes.Equal(p.stateOld, p.stateNew) {
-		_, _, info, err := readFile(statePath)
-		if err != nil {
-			return err
-		}
-		if err := writeAtomic(statePath, p.stateNew, info, 0o600); err != nil {
+		// A fresh file, 0600 and ours, whatever mode or owner the old one had.
+		if err := writeAtomic(statePath, p.stateNew, fileInfo{}, 0o600); err != nil {
 			return err
 		}
 	}

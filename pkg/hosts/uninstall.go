@@ -12,7 +12,7 @@ func Uninstall(root string) (*Plan, error) {
 	if err != nil {
 		return nil, err
 	}
-	st, stateBytes, err := loadState(pl.plan.root)
+	st, stateBytes, err := pl.loadState()
 	if err != nil {
 		return nil, err
 	}
