@@ -170,7 +170,7 @@ func (pl *planner) docker() []string {
 		}) {
 			paths = append(paths, dockerDaemonJSON)
 			if c := pl.files[dockerDaemonJSON]; !bytes.Equal(c.old, c.new) {
-				pl.plan.note("docker: registry-mirrors changed; dockerd reads it on reload (--reload, or systemctl reload docker)")
+				pl.noteDockerReload()
 			}
 		}
 	} else {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"slices"
 )
 
 // Uninstall plans undoing what install recorded.
@@ -52,23 +53,29 @@ func (pl *planner) revert(rec fileRecord, mirrors []string) {
 	cur := sum(c.old)
 	switch {
 	case cur == rec.InstalledSHA256 && !rec.Diverged:
-		if !rec.Existed {
-			c.remove, c.new = true, nil
-			return
-		}
-		c.new = rec.Original
 		if rec.Kind == kindDaemonJSON {
-			// dockerd's reload keeps old mirrors when the key is missing; say "none" instead.
+			// dockerd's reload keeps its old mirrors when the key is missing, and when the
+			// file is (with --config-file the reload fails): say "none" instead.
 			b, err := emptyMirrorsDaemonJSON(disk, rec.Original)
 			if err != nil {
 				pl.fail(err)
 				return
 			}
-			if !bytes.Equal(b, rec.Original) {
-				pl.plan.note("%s: registry-mirrors was not set before install; leaving it as [] so a reload drops the mirror", disk)
+			switch {
+			case !rec.Existed:
+				pl.plan.note("%s did not exist before install; leaving it with \"registry-mirrors\": [] so a dockerd reload drops the mirror", disk)
+			case !bytes.Equal(b, rec.Original):
+				pl.plan.note("%s: registry-mirrors was not set before install; leaving it as [] so a dockerd reload drops the mirror", disk)
 			}
 			c.new = b
+			pl.noteDockerReload()
+			return
 		}
+		if !rec.Existed {
+			c.remove, c.new = true, nil
+			return
+		}
+		c.new = rec.Original
 		return
 	case cur == rec.OriginalSHA256:
 		return
@@ -96,4 +103,15 @@ func (pl *planner) revert(rec fileRecord, mirrors []string) {
 		c.new = b
 	}
 	pl.plan.note("%s was changed since install: removing only node-mirror's entries", disk)
+	if rec.Kind == kindDaemonJSON && c.changed() {
+		pl.noteDockerReload()
+	}
+}
+
+const dockerReloadNote = "docker: registry-mirrors changed; dockerd reads it on reload (--reload, or systemctl reload docker)"
+
+func (pl *planner) noteDockerReload() {
+	if !slices.Contains(pl.plan.notes, dockerReloadNote) {
+		pl.plan.note("%s", dockerReloadNote)
+	}
 }
