@@ -40,6 +40,7 @@ func uninstallCommand() *cli.Command {
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "root", Value: "/", Usage: "work on files below `DIR` instead of /"},
 			&cli.BoolFlag{Name: "dry-run", Usage: "print the changes as unified diffs and write nothing"},
+			&cli.BoolFlag{Name: "reload", Usage: "send SIGHUP to dockerd and crio when their config changed"},
 		},
 		Action: uninstall,
 	}
@@ -88,6 +89,11 @@ func uninstall(c *cli.Context) error {
 // finish prints what a plan does and applies it unless --dry-run.
 func finish(c *cli.Context, plan *hosts.Plan, nothing string) error {
 	w := c.App.Writer
+	if c.Bool("reload") {
+		if err := plan.CheckReload(); err != nil {
+			return err
+		}
+	}
 	for _, n := range plan.Notes() {
 		fmt.Fprintln(w, "note:", n)
 	}

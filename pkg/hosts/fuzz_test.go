@@ -3,8 +3,10 @@ package hosts
 import (
 	"bytes"
 	"encoding/json"
+	"path/filepath"
 	"reflect"
 	"slices"
+	"strings"
 	"testing"
 
 	"github.com/pelletier/go-toml/v2"
@@ -176,6 +178,27 @@ func FuzzDropIn(f *testing.F) {
 		}
 		if _, err := unmergeDropIn("drop-in", out, []string{testMirror}); err != nil {
 			t.Fatalf("unmerge: %v", err)
+		}
+	})
+}
+
+// FuzzRegistryName: a name validRegistry accepts is one directory directly inside the
+// hosts directory, whatever bytes it was made of.
+func FuzzRegistryName(f *testing.F) {
+	for _, s := range []string{"docker.io", "localhost:5001", "[::1]:5000", "..", "a/../b", "Docker.io", "127.0.0.1"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, name string) {
+		if validRegistry(name) != nil {
+			return
+		}
+		const dir = "/etc/containerd/certs.d"
+		p := filepath.Join(dir, name, "hosts.toml")
+		if filepath.Dir(filepath.Dir(p)) != dir || registryOfHostsPath(p) != name {
+			t.Fatalf("registry %q makes %s, outside %s", name, p, dir)
+		}
+		if strings.ToLower(name) != name || len(name) > maxHostLen+6 || strings.ContainsAny(name, "/\\\x00 \t\n\"'") {
+			t.Fatalf("registry %q accepted", name)
 		}
 	})
 }

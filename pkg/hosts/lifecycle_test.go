@@ -166,7 +166,7 @@ func TestInstallSubsetKeepsOtherRecords(t *testing.T) {
 		t.Fatalf("install --engines docker after a full install: empty=%v err=%v", p != nil && p.Empty(), err)
 	}
 	uninstall(t, root)
-	if d := diffTrees(before, snapshot(t, root)); len(d) > 0 {
+	if d := uninstallLeft(before, snapshot(t, root)); len(d) > 0 {
 		t.Errorf("uninstall left %v", d)
 	}
 }
@@ -241,3 +241,70 @@ func TestReload(t *testing.T) {
 		t.Error("reload with --root accepted")
 	}
 }
+
+// dockerd keeps the registry-mirrors it has when a reload finds the key, or the whole
+// file, missing (and with --config-file a missing file fails the reload). So uninstall
+// never takes daemon.json away: where our mirror was the only one, it leaves an empty
+// list, which a reload applies. Debian ships no daemon.json, so that is the usual case.
+func TestUninstallLeavesEmptyRegistryMirrors(t *testing.T) {
+	const empty = "{\n  \"registry-mirrors\": []\n}\n"
+	for _, tc := range []struct {
+		name   string
+		before *string // daemon.json before install; nil: none
+		edit   string  // appended to the "debug" line after install, if not ""
+		want   string
+	}{
+		{name: "no daemon.json before", want: empty},
+		{name: "empty daemon.json before", before: ptr(""), want: empty},
+		{name: "no key before", before: ptr("{\"debug\": true}\n"), want: "{\"debug\": true, \"registry-mirrors\": []}\n"},
+		{name: "empty list before", before: ptr("{\"registry-mirrors\": []}\n"), want: "{\"registry-mirrors\": []}\n"},
+		{name: "other mirrors before", before: ptr("{\"registry-mirrors\": [\"https://mirror.gcr.io\"]}\n"), want: "{\"registry-mirrors\": [\"https://mirror.gcr.io\"]}\n"},
+		{name: "no daemon.json before, edited since", edit: `"debug": true`, want: "{\n  \"debug\": true,\n  \"registry-mirrors\": []\n}\n"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			root := t.TempDir()
+			if err := os.MkdirAll(filepath.Join(root, "etc/docker"), 0o755); err != nil {
+				t.Fatal(err)
+			}
+			if tc.before != nil {
+				writeFiles(t, root, map[string]string{dockerDaemonJSON: *tc.before})
+			}
+			install(t, Options{Root: root, MirrorURL: testMirror, Registries: []string{"docker.io"}, Engines: []string{Docker}})
+			if tc.edit != "" {
+				cur := read(t, root, dockerDaemonJSON)
+				writeFiles(t, root, map[string]string{dockerDaemonJSON: strings.Replace(cur, "{\n", "{\n  "+tc.edit+",\n", 1)})
+			}
+			p, err := Uninstall(root)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := p.Apply(); err != nil {
+				t.Fatal(err)
+			}
+			if got := read(t, root, dockerDaemonJSON); got != tc.want {
+				t.Errorf("daemon.json after uninstall:\n%q\nwant:\n%q", got, tc.want)
+			}
+			fi, err := os.Stat(filepath.Join(root, dockerDaemonJSON))
+			if err != nil || fi.Mode().Perm() != 0o644 {
+				t.Errorf("daemon.json: %v %v, want mode 0644", fi, err)
+			}
+
+			// --reload sends dockerd the SIGHUP that makes it drop the mirror.
+			oldProc, oldSignal := procDir, signal
+			defer func() { procDir, signal = oldProc, oldSignal }()
+			proc := t.TempDir()
+			writeFiles(t, proc, map[string]string{"/77/comm": "dockerd\n"})
+			var got []int
+			procDir, signal = proc, func(pid int) error { got = append(got, pid); return nil }
+			p.root = "/"
+			if _, err := p.Reload(); err != nil || len(got) != 1 || got[0] != 77 {
+				t.Errorf("uninstall's Reload signalled %v (err %v), want dockerd (77)", got, err)
+			}
+			if notes := strings.Join(p.Notes(), "\n"); !strings.Contains(notes, "reload") {
+				t.Errorf("uninstall's notes do not say dockerd needs a reload: %q", notes)
+			}
+		})
+	}
+}
+
+func ptr[T any](v T) *T { return &v }

@@ -23,11 +23,20 @@ var reloadable = map[string]string{
 	CRIO:   "crio",
 }
 
+// CheckReload tells whether Reload can work for this plan, so a caller can refuse before
+// Apply rather than after: it signals this host's daemons, which read files below / only.
+func (p *Plan) CheckReload() error {
+	if p.root != "/" {
+		return fmt.Errorf("--reload signals this host's daemons; it cannot be combined with --root %s", p.root)
+	}
+	return nil
+}
+
 // Reload sends SIGHUP to the running daemons whose config this plan changed (dockerd for
 // daemon.json, crio for the drop-in), and reports what it did. Only meaningful with root /.
 func (p *Plan) Reload() ([]string, error) {
-	if p.root != "/" {
-		return nil, fmt.Errorf("--reload signals this host's daemons; it cannot be combined with --root %s", p.root)
+	if err := p.CheckReload(); err != nil {
+		return nil, err
 	}
 	want := map[string]bool{}
 	for _, c := range p.changes {

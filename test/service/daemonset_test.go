@@ -267,6 +267,16 @@ func TestDaemonSetExample(t *testing.T) {
 	if v := pod.mountOf(initC, root+filepath.Dir(hosts.StatePath)); v == nil || v.HostPath == nil || v.HostPath.Path != filepath.Dir(hosts.StatePath) {
 		t.Errorf("init container: %s%s is not the node's %s, so install's state would be lost", root, filepath.Dir(hosts.StatePath), filepath.Dir(hosts.StatePath))
 	}
+	// That record decides what uninstall writes as root; the mirror runs as root too, so
+	// it must not see the record's directory (nor one above it) at all.
+	for _, c := range pod.Containers {
+		for _, m := range c.VolumeMounts {
+			if v := pod.volume(m.Name); v != nil && v.HostPath != nil &&
+				(v.HostPath.Path == "/" || strings.HasPrefix(hosts.StatePath, strings.TrimSuffix(v.HostPath.Path, "/")+"/")) {
+				t.Errorf("container %s mounts the node's %s, where install keeps its state", c.Name, v.HostPath.Path)
+			}
+		}
+	}
 	checkFlags(t, "install", argv)
 
 	// The main container: serve on loopback, data on the hostPath.

@@ -2,10 +2,14 @@ package service
 
 import (
 	"bytes"
+	"crypto/sha256"
+	"encoding/base64"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/node-mirror/node-mirror/pkg/hosts"
@@ -135,40 +139,124 @@ func TestMakeInstallDefaultPrefix(t *testing.T) {
 }
 
 // Under DynamicUser=, systemd makes /var/lib/node-mirror a symlink to
-// private/node-mirror. `node-mirror install` keeps its record in that directory
-// (hosts.StatePath), so as docs/service.md says, install and uninstall must work through
-// the symlink, whichever of install and the service came first.
-func TestInstallStateUnderDynamicUserLayout(t *testing.T) {
+// private/node-mirror, owned by the transient user the daemon runs as: the daemon can
+// write there. `node-mirror install` keeps its record (hosts.StatePath) somewhere else,
+// 0600 in a 0700 directory of root's, because the record decides what uninstall writes as
+// root and holds copies of config files that can carry registry passwords. install
+// leaves the service's symlink alone, and what the daemon writes in its state directory
+// has no say in uninstall.
+func TestInstallStateOutsideDynamicUserStateDir(t *testing.T) {
+	const stateDir = "/var/lib/node-mirror" // StateDirectory=node-mirror
+	for _, d := range []string{stateDir, "/var/lib/private/node-mirror"} {
+		if strings.HasPrefix(hosts.StatePath, d+"/") {
+			t.Fatalf("install state %s is inside the daemon's state directory %s", hosts.StatePath, d)
+		}
+	}
 	root := t.TempDir()
 	private := filepath.Join(root, "var/lib/private/node-mirror")
 	if err := os.MkdirAll(private, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.Symlink("private/node-mirror", filepath.Join(root, "var/lib/node-mirror")); err != nil {
+	if os.Geteuid() == 0 {
+		// As systemd leaves it: owned by the dynamic user (from its 61184-65519 range).
+		if err := os.Chown(private, 61184, 61184); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.Symlink("private/node-mirror", filepath.Join(root, stateDir)); err != nil {
 		t.Fatal(err)
 	}
+	writeFile := func(p, s string, mode os.FileMode) {
+		t.Helper()
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(p, []byte(s), mode); err != nil {
+			t.Fatal(err)
+		}
+	}
+	const passwd = "root:x:0:0:root:/root:/bin/bash\n"
+	writeFile(filepath.Join(root, "etc/passwd"), passwd, 0o644)
 	if err := os.MkdirAll(filepath.Join(root, "etc/containerd"), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	run := func(args ...string) {
+	run := func(args ...string) string {
 		t.Helper()
-		if out, err := exec.Command(nodeMirrorBin, args...).CombinedOutput(); err != nil {
+		out, err := exec.Command(nodeMirrorBin, args...).CombinedOutput()
+		if err != nil {
 			t.Fatalf("node-mirror %s: %v\n%s", strings.Join(args, " "), err, out)
 		}
+		return string(out)
 	}
 	run("install", "--root", root, "--engines", "containerd", "--registries", "docker.io")
-	if _, err := os.Stat(filepath.Join(private, filepath.Base(hosts.StatePath))); err != nil {
-		t.Fatalf("install's state is not in the service's state directory: %v", err)
+
+	state := filepath.Join(root, hosts.StatePath)
+	for _, c := range []struct {
+		path string
+		mode os.FileMode
+	}{{state, 0o600}, {filepath.Dir(state), 0o700}} {
+		fi, err := os.Lstat(c.path)
+		if err != nil {
+			t.Fatalf("install's state: %v", err)
+		}
+		if fi.Mode().Perm() != c.mode {
+			t.Errorf("%s: mode %v, want %v", c.path, fi.Mode().Perm(), c.mode)
+		}
+		if uid := fi.Sys().(*syscall.Stat_t).Uid; int(uid) != os.Geteuid() {
+			t.Errorf("%s: owner %d, want %d", c.path, uid, os.Geteuid())
+		}
+	}
+	// Resolved, the record is nowhere under the service's state directory.
+	realState, err := filepath.EvalSymlinks(state)
+	if err != nil {
+		t.Fatal(err)
+	}
+	realPrivate, err := filepath.EvalSymlinks(private)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.HasPrefix(realState, realPrivate+"/") {
+		t.Errorf("install's state %s is in the service's state directory %s", realState, realPrivate)
+	}
+	if ents, err := os.ReadDir(private); err != nil || len(ents) > 0 {
+		t.Errorf("install wrote into the service's state directory: %v %v", ents, err)
+	}
+	if fi, err := os.Lstat(filepath.Join(root, stateDir)); err != nil || fi.Mode()&os.ModeSymlink == 0 {
+		t.Errorf("install replaced the state directory's symlink: %v", err)
 	}
 	hostsTOML := filepath.Join(root, "etc/containerd/certs.d/docker.io/hosts.toml")
 	if _, err := os.Stat(hostsTOML); err != nil {
 		t.Fatal(err)
 	}
-	if fi, err := os.Lstat(filepath.Join(root, "var/lib/node-mirror")); err != nil || fi.Mode()&os.ModeSymlink == 0 {
-		t.Errorf("install replaced the state directory's symlink: %v", err)
-	}
-	run("uninstall", "--root", root)
+
+	// A compromised daemon writes an install record where install used to keep it, one
+	// that would "restore" /etc/passwd with a second uid 0.
+	forged := fmt.Sprintf(`{"version": 1, "mirror_urls": ["http://127.0.0.1:5000"], "files": [{"path": "/etc/passwd",
+		"engine": "containerd", "kind": "hosts.toml", "existed": true, "original": %q,
+		"original_sha256": "", "installed_sha256": %q}]}`,
+		base64.StdEncoding.EncodeToString([]byte(passwd+"toor::0:0::/root:/bin/sh\n")), fmt.Sprintf("%x", sha256.Sum256([]byte(passwd))))
+	writeFile(filepath.Join(root, stateDir, "install-state.json"), forged, 0o600)
+
+	out := run("uninstall", "--root", root)
 	if _, err := os.Stat(hostsTOML); !os.IsNotExist(err) {
 		t.Errorf("uninstall left %s: %v", hostsTOML, err)
+	}
+	if b, _ := os.ReadFile(filepath.Join(root, "etc/passwd")); string(b) != passwd {
+		t.Errorf("uninstall rewrote /etc/passwd from the daemon's file:\n%s", b)
+	}
+	if !strings.Contains(out, "install-state.json") {
+		t.Errorf("uninstall did not mention the leftover file in the daemon's directory:\n%s", out)
+	}
+	if _, err := os.Stat(state); !os.IsNotExist(err) {
+		t.Errorf("uninstall left its state: %v", err)
+	}
+
+	// With no record of its own, the daemon's file alone is refused, not acted on.
+	out2, err := exec.Command(nodeMirrorBin, "uninstall", "--root", root).CombinedOutput()
+	if err == nil || !strings.Contains(string(out2), "not trusted") {
+		t.Errorf("uninstall with only the daemon's record: %v\n%s", err, out2)
+	}
+	if b, _ := os.ReadFile(filepath.Join(root, "etc/passwd")); string(b) != passwd {
+		t.Errorf("uninstall rewrote /etc/passwd from the daemon's file:\n%s", b)
 	}
 }
