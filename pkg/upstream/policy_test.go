@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/node-mirror/node-mirror/pkg/config"
 	"github.com/node-mirror/node-mirror/pkg/upstream/netguard"
 )
 
@@ -521,5 +522,36 @@ func TestTokenResponseBounded(t *testing.T) {
 	c := newClient(t, []string{srv.URL}, "", "", Options{MaxAttempts: 1})
 	if _, err := do(t, c, http.MethodGet, "manifests/latest"); err == nil || !strings.Contains(err.Error(), "too large") {
 		t.Fatalf("err = %v, want the token response refused as too large", err)
+	}
+}
+
+// What the config package accepts, New accepts: endpoint credentials name endpoints the
+// same way, and a registry's default endpoint is its own endpoint.
+func TestConfigAgrees(t *testing.T) {
+	for _, name := range append([]string{"localhost:5000"}, config.DefaultRegistries...) {
+		if own := OwnEndpoint(name, []string{"https://mirror.corp.example", config.DefaultEndpoint(name)}); own != 1 {
+			t.Errorf("%s: the default endpoint %s is not its own", name, config.DefaultEndpoint(name))
+		}
+	}
+	r := config.Registry{
+		Name:      "docker.io",
+		Endpoints: []string{"https://Mirror.corp.example", "http://[fd00::5]:5000", "https://registry-1.docker.io:443"},
+		Username:  "hub", Password: "pw",
+		EndpointCredentials: []config.EndpointCredentials{
+			{Host: "mirror.corp.example:443", Username: "a", Password: "b"},
+			{Host: "[fd00::5]:5000", Password: "c"},
+		},
+	}
+	cfg := config.Default()
+	cfg.Registries = []config.Registry{r}
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	creds := map[string]Credentials{}
+	for _, ec := range cfg.Registries[0].EndpointCredentials {
+		creds[ec.Host] = Credentials{ec.Username, ec.Password}
+	}
+	if _, err := New(r.Name, r.Endpoints, r.Username, r.Password, Options{EndpointCredentials: creds}); err != nil {
+		t.Fatal(err)
 	}
 }
