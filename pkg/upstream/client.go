@@ -54,7 +54,8 @@ func (e *StatusError) Error() string {
 
 // Options tune a Client. Zero values mean the defaults.
 type Options struct {
-	// Transport replaces the default transport (tests inject faults here).
+	// Transport replaces the default transport, and with it the dial guard (tests inject
+	// faults here); redirects and realms are judged all the same.
 	Transport http.RoundTripper
 	// MaxAttempts per endpoint for 5xx, 429 and network errors (default 3).
 	MaxAttempts int

@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
+	"net/url"
 	"runtime"
 	"strings"
 	"sync"
@@ -553,5 +554,34 @@ func TestConfigAgrees(t *testing.T) {
 	}
 	if _, err := New(r.Name, r.Endpoints, r.Username, r.Password, Options{EndpointCredentials: creds}); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// The environment's proxy is the operator's: it is dialled wherever it is, and the
+// names behind it are the proxy's to resolve.
+func TestProxyIsTrusted(t *testing.T) {
+	proxy := newHostile(t, false, func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "via proxy to "+r.URL.Host)
+	})
+	proxyURL, _ := url.Parse(proxy.URL)
+	tr := NewTransport()
+	tr.Proxy = func(*http.Request) (*url.URL, error) { return proxyURL, nil }
+	ep, _ := url.Parse("https://registry.example")
+	guard(tr, []*url.URL{ep}, nil)
+	defer tr.CloseIdleConnections()
+	resp, err := (&http.Client{Transport: tr}).Get("http://registry.example/v2/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if b, _ := io.ReadAll(resp.Body); string(b) != "via proxy to registry.example" {
+		t.Fatalf("body %q", b)
+	}
+	// Without a proxy, the same loopback address is refused.
+	tr = NewTransport()
+	tr.Proxy = nil
+	guard(tr, []*url.URL{ep}, nil)
+	if _, err := (&http.Client{Transport: tr}).Get(proxy.URL); !errors.Is(err, netguard.ErrDenied) {
+		t.Fatalf("err = %v, want a refusal", err)
 	}
 }

@@ -216,8 +216,15 @@ func NewDialer(base *net.Dialer, trusted []string, allow func(netip.AddrPort) bo
 // Trust lets host:port be dialled wherever it resolves: configured endpoints, and the
 // HTTP proxy from the environment.
 func (d *Dialer) Trust(hostport string) {
+	hostport = strings.ToLower(hostport)
+	d.mu.RLock()
+	known := d.trusted[hostport]
+	d.mu.RUnlock()
+	if known {
+		return // the proxy hook calls this on every request
+	}
 	d.mu.Lock()
-	d.trusted[strings.ToLower(hostport)] = true
+	d.trusted[hostport] = true
 	d.mu.Unlock()
 }
 
