@@ -9,7 +9,8 @@ CONTAINERD2_VERSION := v2.4.2
 CONTAINERD2_DIR     := $(CURDIR)/.cache/containerd2-$(CONTAINERD2_VERSION)
 # Every fuzz target, as package:Target; `make fuzz` runs each for FUZZTIME.
 FUZZ_TARGETS := ./pkg/mirror:FuzzParseRoute ./pkg/hosts:FuzzMergeHostsTOML ./pkg/hosts:FuzzSetConfigPath \
-                ./pkg/hosts:FuzzMergeDaemonJSON ./pkg/hosts:FuzzDropIn ./pkg/hosts:FuzzRegistryName
+                ./pkg/hosts:FuzzMergeDaemonJSON ./pkg/hosts:FuzzDropIn ./pkg/hosts:FuzzRegistryName \
+                ./pkg/upstream/netguard:FuzzPolicy
 DATA_DIR ?= $(CURDIR)/data
 LISTEN   ?= 127.0.0.1:5000
 PKGS     := ./...

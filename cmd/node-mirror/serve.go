@@ -106,8 +106,13 @@ func newLogger(c *cli.Context) (*slog.Logger, error) {
 func newClients(cfg config.Config, log *slog.Logger, met *metrics.Metrics) (map[string]*upstream.Client, error) {
 	regs := map[string]*upstream.Client{}
 	for _, r := range cfg.Registries {
+		epCreds := map[string]upstream.Credentials{}
+		for _, ec := range r.EndpointCredentials {
+			epCreds[ec.Host] = upstream.Credentials{Username: ec.Username, Password: ec.Password}
+		}
 		cl, err := upstream.New(r.Name, r.Endpoints, r.Username, r.Password, upstream.Options{
 			UserAgent: "node-mirror/" + version, Logger: log, Observe: met.ObserveUpstream(r.Name),
+			EndpointCredentials: epCreds,
 		})
 		if err != nil {
 			return nil, err

@@ -4,6 +4,7 @@ package config
 import (
 	"errors"
 	"fmt"
+	"net"
 	"net/url"
 	"os"
 	"strconv"
@@ -132,9 +133,22 @@ type Registry struct {
 	Name string `toml:"name"`
 	// Endpoints are tried in order, so a corporate mirror can sit in front of the real registry.
 	Endpoints []string `toml:"endpoints"`
-	Username  string   `toml:"username"`
-	Password  string   `toml:"password"`
+	// Username and Password belong to the registry's own endpoint (registry-1.docker.io
+	// for docker.io, the registry's name otherwise, or the only endpoint) and to no other.
+	Username string `toml:"username"`
+	Password string `toml:"password"`
 	// PasswordFile keeps secrets out of the config file itself.
+	PasswordFile string `toml:"password_file"`
+	// EndpointCredentials give other endpoints, such as a corporate mirror, their own.
+	EndpointCredentials []EndpointCredentials `toml:"endpoint_credentials"`
+}
+
+// EndpointCredentials are the credentials of one endpoint of a registry.
+type EndpointCredentials struct {
+	// Host is the endpoint's host[:port] as in its URL.
+	Host         string `toml:"host"`
+	Username     string `toml:"username"`
+	Password     string `toml:"password"`
 	PasswordFile string `toml:"password_file"`
 }
 
@@ -306,12 +320,70 @@ func (c *Config) Validate() error {
 			}
 			r.Password = strings.TrimSpace(string(b))
 		}
+		if err := r.validateEndpointCredentials(); err != nil {
+			return fmt.Errorf("registry %q: %w", r.Name, err)
+		}
 	}
 	if c.DefaultRegistry != "" && !seen[c.DefaultRegistry] {
 		// Requests without a registry can only go to a configured one; fall back to none.
 		c.DefaultRegistry = ""
 	}
 	return nil
+}
+
+func (r *Registry) validateEndpointCredentials() error {
+	seen := map[string]bool{}
+	for i := range r.EndpointCredentials {
+		ec := &r.EndpointCredentials[i]
+		key := endpointHostKey(r.Endpoints, ec.Host)
+		switch {
+		case ec.Host == "":
+			return errors.New("endpoint_credentials without host")
+		case key == "":
+			return fmt.Errorf("endpoint_credentials host %q is not the host[:port] of any of its endpoints %v", ec.Host, r.Endpoints)
+		case seen[key]:
+			return fmt.Errorf("endpoint_credentials host %q given twice", ec.Host)
+		}
+		seen[key] = true
+		if ec.PasswordFile != "" {
+			b, err := os.ReadFile(ec.PasswordFile)
+			if err != nil {
+				return fmt.Errorf("endpoint_credentials host %q: %w", ec.Host, err)
+			}
+			ec.Password = strings.TrimSpace(string(b))
+		}
+		if ec.Username == "" && ec.Password == "" {
+			return fmt.Errorf("endpoint_credentials host %q: no username or password", ec.Host)
+		}
+	}
+	return nil
+}
+
+// endpointHostKey is host:port, lower case with the default port filled in, of the
+// endpoint among endpoints that host[:port] names; "" if it names none.
+func endpointHostKey(endpoints []string, host string) string {
+	for _, e := range endpoints {
+		u, err := url.Parse(e)
+		if err != nil {
+			continue
+		}
+		h, err := url.Parse(u.Scheme + "://" + host)
+		if err != nil || h.Host != host {
+			return ""
+		}
+		if k := hostKey(h); k == hostKey(u) {
+			return k
+		}
+	}
+	return ""
+}
+
+func hostKey(u *url.URL) string {
+	p := u.Port()
+	if p == "" {
+		p = map[string]string{"http": "80", "https": "443"}[u.Scheme]
+	}
+	return net.JoinHostPort(strings.ToLower(u.Hostname()), p)
 }
 
 // DefaultEndpoint is where a registry's API lives when the config names none.

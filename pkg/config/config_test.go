@@ -57,6 +57,51 @@ name = "ghcr.io"
 	}
 }
 
+func TestEndpointCredentials(t *testing.T) {
+	secret := filepath.Join(t.TempDir(), "corp")
+	os.WriteFile(secret, []byte("corp-pw\n"), 0o600)
+	p := write(t, `
+[[registry]]
+name = "docker.io"
+endpoints = ["https://mirror.corp.example", "http://10.0.0.5:5000", "https://registry-1.docker.io"]
+username = "hub"
+password = "hub-pw"
+
+[[registry.endpoint_credentials]]
+host = "mirror.corp.example"
+username = "corp"
+password_file = "`+secret+`"
+
+[[registry.endpoint_credentials]]
+host = "10.0.0.5:5000"
+password = "refresh-token"
+`)
+	c, err := Load(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	got := c.Registries[0].EndpointCredentials
+	want := []EndpointCredentials{
+		{Host: "mirror.corp.example", Username: "corp", Password: "corp-pw", PasswordFile: secret},
+		{Host: "10.0.0.5:5000", Password: "refresh-token"},
+	}
+	if len(got) != len(want) || got[0] != want[0] || got[1] != want[1] {
+		t.Fatalf("endpoint credentials %+v, want %+v", got, want)
+	}
+	if r := c.Registries[0]; r.Username != "hub" || r.Password != "hub-pw" {
+		t.Fatalf("registry credentials: %+v", r)
+	}
+
+	// A misspelt key inside the table is named with its line.
+	_, err = Load(write(t, "[[registry]]\nname = \"a.io\"\n[[registry.endpoint_credentials]]\nhots = \"a.io\"\n"))
+	if err == nil || !strings.Contains(err.Error(), "config.toml:4") || !strings.Contains(err.Error(), "registry.endpoint_credentials.hots") {
+		t.Fatalf("misspelt key: %v", err)
+	}
+}
+
 func TestLoadErrors(t *testing.T) {
 	for _, tc := range []struct{ name, body, want string }{
 		{"syntax", "listen = \n", "config.toml:1"},
@@ -84,6 +129,30 @@ func TestValidate(t *testing.T) {
 		{"bad name", func(c *Config) { c.Registries = []Registry{{Name: "a/b"}} }, "not a host"},
 		{"bad endpoint", func(c *Config) { c.Registries = []Registry{{Name: "a.io", Endpoints: []string{"ftp://a"}}} }, "not an http"},
 		{"host with port", func(c *Config) { c.Registries = []Registry{{Name: "localhost:5000"}} }, ""},
+		{"endpoint credentials for another host", func(c *Config) {
+			c.Registries = []Registry{{Name: "a.io", EndpointCredentials: []EndpointCredentials{{Host: "evil.example", Username: "u", Password: "p"}}}}
+		}, `endpoint_credentials host "evil.example" is not`},
+		{"endpoint credentials on the wrong port", func(c *Config) {
+			c.Registries = []Registry{{Name: "a.io", EndpointCredentials: []EndpointCredentials{{Host: "a.io:80", Username: "u", Password: "p"}}}}
+		}, `endpoint_credentials host "a.io:80" is not`},
+		{"endpoint credentials with a path", func(c *Config) {
+			c.Registries = []Registry{{Name: "a.io", EndpointCredentials: []EndpointCredentials{{Host: "a.io/x", Username: "u", Password: "p"}}}}
+		}, `endpoint_credentials host "a.io/x" is not`},
+		{"endpoint credentials, default port spelt out", func(c *Config) {
+			c.Registries = []Registry{{Name: "a.io", EndpointCredentials: []EndpointCredentials{{Host: "A.io:443", Username: "u", Password: "p"}}}}
+		}, ""},
+		{"endpoint credentials twice", func(c *Config) {
+			c.Registries = []Registry{{Name: "a.io", EndpointCredentials: []EndpointCredentials{{Host: "a.io", Password: "p"}, {Host: "a.io:443", Password: "q"}}}}
+		}, "given twice"},
+		{"endpoint credentials without host", func(c *Config) {
+			c.Registries = []Registry{{Name: "a.io", EndpointCredentials: []EndpointCredentials{{Username: "u", Password: "p"}}}}
+		}, "without host"},
+		{"endpoint credentials without secret", func(c *Config) {
+			c.Registries = []Registry{{Name: "a.io", EndpointCredentials: []EndpointCredentials{{Host: "a.io"}}}}
+		}, "no username or password"},
+		{"endpoint credentials, missing password file", func(c *Config) {
+			c.Registries = []Registry{{Name: "a.io", EndpointCredentials: []EndpointCredentials{{Host: "a.io", PasswordFile: "/nonexistent/pw"}}}}
+		}, "/nonexistent/pw"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := Default()

@@ -720,8 +720,53 @@ func TestEndpointsTriedInOrder(t *testing.T) {
 	up := newUpstream(t)
 	img := randomImage(t, 1024, 1)
 	up.push(t, "library/app", "v1", img)
-	dead := closedPort(t)
-	tm := newMirror(t, map[string][]string{"docker.io": {"http://" + dead, up.srv.URL}})
+	var mu sync.Mutex
+	var asked []string // which endpoint each upstream request reached, in order
+	record := func(who string) {
+		mu.Lock()
+		asked = append(asked, who)
+		mu.Unlock()
+	}
+	corp := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		record("corp")
+		w.WriteHeader(http.StatusNotFound) // a corporate mirror without the image
+	}))
+	defer corp.Close()
+	up.setHook(func(w http.ResponseWriter, r *http.Request) bool {
+		record("registry")
+		return false
+	})
+	const manifest = "/v2/library/app/manifests/v1"
+	for _, tc := range []struct {
+		name      string
+		endpoints []string
+		want      []string // each upstream request (the mirror may make several) asks these in turn
+	}{
+		{"corporate mirror first", []string{corp.URL, up.srv.URL}, []string{"corp", "registry"}},
+		{"registry first", []string{up.srv.URL, corp.URL}, []string{"registry"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			mu.Lock()
+			asked = nil
+			mu.Unlock()
+			tm := newMirror(t, map[string][]string{"docker.io": tc.endpoints})
+			if resp, body := tm.get(t, http.MethodGet, manifest); resp.StatusCode != 200 {
+				t.Fatalf("GET %s: %d %s", manifest, resp.StatusCode, body)
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			if len(asked) == 0 || len(asked)%len(tc.want) != 0 {
+				t.Fatalf("endpoints asked %v, want repetitions of %v", asked, tc.want)
+			}
+			for i, who := range asked {
+				if who != tc.want[i%len(tc.want)] {
+					t.Fatalf("endpoints asked %v, want repetitions of %v", asked, tc.want)
+				}
+			}
+		})
+	}
+	// A dead first endpoint is passed over too.
+	tm := newMirror(t, map[string][]string{"docker.io": {"http://" + closedPort(t), up.srv.URL}})
 	tm.pull(t, "library/app:v1")
 }
 
