@@ -168,8 +168,10 @@ func (in *Injector) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	for k, v := range rec.Header() {
 		w.Header()[k] = v
 	}
-	if rec.Code != http.StatusOK || len(body) == 0 {
-		w.WriteHeader(rec.Code)
+	// Whole answers and ranges alike: a ranged fetch asks for ranges.
+	code := rec.Code
+	if (code != http.StatusOK && code != http.StatusPartialContent) || len(body) == 0 {
+		w.WriteHeader(code)
 		w.Write(body)
 		return
 	}
@@ -177,23 +179,23 @@ func (in *Injector) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	case FlipByte:
 		body = bytes.Clone(body)
 		body[len(body)/2] ^= 0xff
-		writeAll(w, body, len(body))
+		writeAll(w, code, body, len(body))
 	case Truncate:
 		w.Header().Set("Content-Length", strconv.Itoa(len(body)))
-		w.WriteHeader(http.StatusOK)
+		w.WriteHeader(code)
 		w.Write(body[:len(body)/2])
 		panic(http.ErrAbortHandler) // closes the connection mid-body
 	case OtherManifest:
-		writeAll(w, ru.Manifest, len(ru.Manifest))
+		writeAll(w, code, ru.Manifest, len(ru.Manifest))
 	case StallAfterHeaders:
 		w.Header().Set("Content-Length", strconv.Itoa(len(body)))
-		w.WriteHeader(http.StatusOK)
+		w.WriteHeader(code)
 		w.Write(body[:len(body)/4])
 		http.NewResponseController(w).Flush()
 		in.stall(r)
 	case Trickle:
 		w.Header().Set("Content-Length", strconv.Itoa(len(body)))
-		w.WriteHeader(http.StatusOK)
+		w.WriteHeader(code)
 		step := max(len(body)/50, 1)
 		for i := 0; i < len(body); i += step {
 			w.Write(body[i:min(i+step, len(body))])
@@ -208,11 +210,11 @@ func (in *Injector) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 	case WrongLength:
 		w.Header().Set("Content-Length", strconv.Itoa(len(body)+100))
-		w.WriteHeader(http.StatusOK)
+		w.WriteHeader(code)
 		w.Write(body)
 		panic(http.ErrAbortHandler)
 	default:
-		writeAll(w, body, len(body))
+		writeAll(w, code, body, len(body))
 	}
 }
 
@@ -223,9 +225,9 @@ func (in *Injector) stall(r *http.Request) {
 	}
 }
 
-func writeAll(w http.ResponseWriter, b []byte, n int) {
+func writeAll(w http.ResponseWriter, code int, b []byte, n int) {
 	w.Header().Set("Content-Length", strconv.Itoa(n))
-	w.WriteHeader(http.StatusOK)
+	w.WriteHeader(code)
 	w.Write(b)
 }
 

@@ -78,10 +78,10 @@ func NewUpstream(t testing.TB, opts ...UpstreamOption) *Upstream {
 	for _, o := range opts {
 		o(&cfg)
 	}
-	var h http.Handler = registry.New(
+	var h http.Handler = RFCRanges(registry.New(
 		registry.Logger(log.New(io.Discard, "", 0)),
 		registry.WithReferrersSupport(true),
-	)
+	))
 	if cfg.wrap != nil {
 		h = cfg.wrap(h)
 	}

@@ -82,6 +82,12 @@ func Open(dataDir string) (*Store, error) {
 		lock.Close()
 		return nil, fmt.Errorf("creating content store: %w", err)
 	}
+	// Scratch holds the nameless files ranged fetches keep chunks in until they join the
+	// ingest; the files are unlinked as they are made, so nothing here outlives a process.
+	if err := os.MkdirAll(filepath.Join(dataDir, "scratch"), 0o700); err != nil {
+		lock.Close()
+		return nil, fmt.Errorf("creating scratch dir: %w", err)
+	}
 	cs, err := local.NewStore(root)
 	if err != nil {
 		lock.Close()
@@ -250,6 +256,9 @@ func (s *Store) NewIngest(ctx context.Context, dgst digest.Digest, size int64) (
 	return &Ingest{s: s, dgst: dgst, ref: ref, w: w, data: data, Offset: st.Offset}, nil
 }
 
+// Digest is the blob the ingest is for.
+func (in *Ingest) Digest() digest.Digest { return in.dgst }
+
 // Write appends to the ingest.
 func (in *Ingest) Write(p []byte) (int, error) { return in.w.Write(p) }
 
@@ -328,6 +337,9 @@ func (s *Store) Digests(ctx context.Context) ([]digest.Digest, error) {
 	})
 	return out, err
 }
+
+// ScratchDir is where downloads keep temporary files, on the store's filesystem.
+func (s *Store) ScratchDir() string { return filepath.Join(filepath.Dir(s.root), "scratch") }
 
 // Path returns the store's containerd content root.
 func (s *Store) Path() string { return s.root }

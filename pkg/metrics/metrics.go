@@ -23,6 +23,8 @@ type Metrics struct {
 	rateLimit        *prometheus.GaugeVec
 	configReloads    *prometheus.CounterVec
 	passThrough      *prometheus.CounterVec
+	upstreamConns    *prometheus.GaugeVec
+	chunkRetries     *prometheus.CounterVec
 }
 
 // StoreStats reports the store's size for the gauges, read at scrape time.
@@ -74,6 +76,15 @@ func New(reg prometheus.Registerer, stats StoreStats) *Metrics {
 		Help: "Content served from upstream without being stored, by reason (disk_full, budget, store_error).",
 	}, []string{"reason"})
 	reg.MustRegister(m.passThrough)
+	m.upstreamConns = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "node_mirror_upstream_connections",
+		Help: "Upstream connections blob downloads hold now, by registry (a ranged fetch holds several).",
+	}, []string{"registry"})
+	m.chunkRetries = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "node_mirror_chunk_retries_total",
+		Help: "Ranges of blob downloads asked for again after they broke off or came back wrong, by registry.",
+	}, []string{"registry"})
+	reg.MustRegister(m.upstreamConns, m.chunkRetries)
 	reg.MustRegister(m.requests, m.bytesServed, m.bytesUpstream, m.upstreamDuration, m.upstreamErrors,
 		m.inflight, m.authFailures, m.rateLimit, m.configReloads)
 	if stats != nil {
@@ -204,4 +215,20 @@ func (m *Metrics) ConfigReload(ok bool) {
 		r = "error"
 	}
 	m.configReloads.WithLabelValues(r).Inc()
+}
+
+// UpstreamConnections adds delta to the connections downloads hold to registry.
+func (m *Metrics) UpstreamConnections(registry string, delta int) {
+	if m == nil {
+		return
+	}
+	m.upstreamConns.WithLabelValues(registry).Add(float64(delta))
+}
+
+// ChunkRetried counts a range of a download asked for again.
+func (m *Metrics) ChunkRetried(registry string) {
+	if m == nil {
+		return
+	}
+	m.chunkRetries.WithLabelValues(registry).Inc()
 }

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -42,6 +43,15 @@ type Options struct {
 	// the background, before the engine asks for them. 0 means the default (4); negative
 	// turns eager fetching off.
 	EagerFetch int
+	// FetchConcurrency is how many connections fetch one cold blob when its upstream
+	// answers ranges; 1 fetches every blob as one stream. Default DefaultFetchConcurrency.
+	FetchConcurrency int
+	// FetchChunkSize is the size of the ranges a blob is fetched in; blobs under two
+	// chunks are one request. Default DefaultFetchChunkSize.
+	FetchChunkSize int64
+	// UpstreamConnections caps, per registry, the connections ranged fetches add beyond
+	// each download's first. Default DefaultUpstreamConnections.
+	UpstreamConnections int
 	// Platform selects the image of an index that eager fetching follows; default: this
 	// node's platform.
 	Platform string
@@ -70,11 +80,13 @@ type Mirror struct {
 	platform platforms.MatchComparer
 
 	mu        sync.Mutex
-	downloads map[string]*download   // blob digest -> the one download in flight
-	checked   map[string]time.Time   // tag key -> last successful revalidation
-	lists     listCache              // tags/list and referrers answers
-	listSlots chan struct{}          // list fetches in flight (each holds its body in memory)
-	eagerDone map[digest.Digest]bool // fetched ahead of the engine, not yet served
+	downloads map[string]*download     // blob digest -> the one download in flight
+	conns     map[string]chan struct{} // registry -> connection slots for ranged fetches
+	rangeless map[string]time.Time     // registry -> until when it is fetched from as one stream
+	checked   map[string]time.Time     // tag key -> last successful revalidation
+	lists     listCache                // tags/list and referrers answers
+	listSlots chan struct{}            // list fetches in flight (each holds its body in memory)
+	eagerDone map[digest.Digest]bool   // fetched ahead of the engine, not yet served
 
 	// tagWaitHook, set by tests only, runs when a tag request has joined its revalidation.
 	tagWaitHook func()
@@ -91,6 +103,15 @@ func New(opts Options) (*Mirror, error) {
 	if opts.StaleAfter <= 0 {
 		opts.StaleAfter = 3 * time.Second
 	}
+	if opts.FetchConcurrency <= 0 {
+		opts.FetchConcurrency = DefaultFetchConcurrency
+	}
+	if opts.FetchChunkSize <= 0 {
+		opts.FetchChunkSize = DefaultFetchChunkSize
+	}
+	if opts.UpstreamConnections <= 0 {
+		opts.UpstreamConnections = DefaultUpstreamConnections
+	}
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
@@ -102,6 +123,8 @@ func New(opts Options) (*Mirror, error) {
 		ctx:       ctx,
 		cancel:    cancel,
 		downloads: map[string]*download{},
+		conns:     map[string]chan struct{}{},
+		rangeless: map[string]time.Time{},
 		checked:   map[string]time.Time{},
 		listSlots: make(chan struct{}, maxListFetches),
 		eagerDone: map[digest.Digest]bool{},
@@ -230,19 +253,28 @@ type Stats struct {
 	PassThrough int64     `json:"passThrough"`
 	// BytesSaved is blob bytes served from the store instead of upstream.
 	BytesSaved int64 `json:"bytesSaved"`
-	// Downloads is blob downloads in flight.
-	Downloads int `json:"downloads"`
+	// Downloads is blob downloads in flight; Active says how far each has come.
+	Downloads int                `json:"downloads"`
+	Active    []DownloadProgress `json:"active,omitempty"`
 }
 
 // Stats reports the counters since the mirror started.
 func (m *Mirror) Stats() Stats {
 	m.mu.Lock()
-	n := len(m.downloads)
+	ds := make([]*download, 0, len(m.downloads))
+	for _, d := range m.downloads {
+		ds = append(ds, d)
+	}
 	m.mu.Unlock()
+	active := make([]DownloadProgress, 0, len(ds))
+	for _, d := range ds {
+		active = append(active, d.progress())
+	}
+	slices.SortFunc(active, func(a, b DownloadProgress) int { return a.Since.Compare(b.Since) })
 	return Stats{
 		Since: m.stats.since, Hits: m.stats.hits.Load(), Misses: m.stats.misses.Load(),
 		Stale: m.stats.stale.Load(), Errors: m.stats.errors.Load(), PassThrough: m.stats.passThrough.Load(),
-		BytesSaved: m.stats.cacheBytes.Load(), Downloads: n,
+		BytesSaved: m.stats.cacheBytes.Load(), Downloads: len(ds), Active: active,
 	}
 }
 

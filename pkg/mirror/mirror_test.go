@@ -27,6 +27,7 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/node-mirror/node-mirror/internal/fault"
+	"github.com/node-mirror/node-mirror/internal/testenv"
 	"github.com/node-mirror/node-mirror/pkg/contentstore"
 	"github.com/node-mirror/node-mirror/pkg/upstream"
 )
@@ -49,7 +50,7 @@ func newUpstream(t *testing.T) *fakeUpstream {
 	// the mirror's, not the test upstream's growing store.
 	reg := registry.New(registry.Logger(log.New(io.Discard, "", 0)), registry.WithReferrersSupport(true),
 		registry.WithBlobHandler(registry.NewDiskBlobHandler(t.TempDir())))
-	u := &fakeUpstream{reg: reg, fault: fault.New(reg), count: map[string]int{}}
+	u := &fakeUpstream{reg: reg, fault: fault.New(testenv.RFCRanges(reg)), count: map[string]int{}}
 	u.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		u.mu.Lock()
 		u.count[r.Method+" "+r.URL.Path]++

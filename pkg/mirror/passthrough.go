@@ -115,7 +115,7 @@ func (m *Mirror) continueUpstream(ctx context.Context, rt route, d *download, po
 		return nil, err
 	}
 	vr := newVerifyReader(resp.Body, d.dgst, d.size, pos, end)
-	if _, err := io.Copy(vr.hash, io.NewSectionReader(d.ingest.ReaderAt(), 0, pos)); err != nil {
+	if _, err := io.Copy(vr.hash, io.NewSectionReader(readerAtFunc(d.readAt), 0, pos)); err != nil {
 		resp.Body.Close()
 		return nil, err
 	}
@@ -204,4 +204,15 @@ func (v *verifyReader) Read(p []byte) (int, error) {
 			v.err = err
 		}
 	}
+}
+
+// readerAtFunc is a function as an io.ReaderAt.
+type readerAtFunc func(p []byte, off int64) (int, error)
+
+func (f readerAtFunc) ReadAt(p []byte, off int64) (int, error) {
+	n, err := f(p, off)
+	if n < len(p) && err == nil {
+		err = io.ErrUnexpectedEOF // only bytes the client already had are read this way
+	}
+	return n, err
 }

@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -157,7 +158,9 @@ func TestDiskFillsMidDownload(t *testing.T) {
 		if r.URL.Path != path {
 			return false
 		}
-		if serveRange(w, r, want) {
+		// The first request (a ranged fetch's first range starts at 0) is answered with
+		// the whole blob, slowly; the one that continues after the disk filled, ranged.
+		if !strings.HasPrefix(r.Header.Get("Range"), "bytes=0-") && serveRange(w, r, want) {
 			ranged.Add(1)
 			return true // the range request that finishes the blob
 		}
@@ -286,12 +289,13 @@ func TestResumeOrphanedIngest(t *testing.T) {
 			up.mu.Lock()
 			seen := slices.Clone(ranges)
 			up.mu.Unlock()
-			if seen[0] != fmt.Sprintf("bytes=%d-", 200<<10) {
-				t.Fatalf("first upstream request had Range %q", seen[0])
+			if !strings.HasPrefix(seen[0], fmt.Sprintf("bytes=%d-", 200<<10)) {
+				t.Fatalf("first upstream request had Range %q, want one from the ingest's end", seen[0])
 			}
-			// Resumed: that one request was all. Not honoured: one more, from zero.
-			if wantN := map[bool]int{false: 1, true: 2}[tc.ignoreRng]; len(seen) != wantN {
-				t.Fatalf("upstream saw %d requests %q, want %d", len(seen), seen, wantN)
+			// Resumed: that one request was all. Not honoured: the whole blob that came
+			// instead starts the ingest over, still one request.
+			if len(seen) != 1 {
+				t.Fatalf("upstream saw %d requests %q, want 1", len(seen), seen)
 			}
 			assertStoreIntact(t, tm)
 			// Whatever happened, the next request gets the blob.
