@@ -1,8 +1,10 @@
 // Package conformance runs the OCI distribution-spec conformance suite, pull workflow,
-// against the node-mirror binary. Run with `make conformance`.
+// against the node-mirror binary, in two versions: the current one (this file) and the one
+// published in 2023, which many registries still run (conformance2023_test.go). Run with
+// `make conformance`.
 //
-// The suite (module github.com/opencontainers/distribution-spec/conformance, a go.mod
-// tool) is a program: it is built from the module cache into a temp dir and run as a
+// The current suite (module github.com/opencontainers/distribution-spec/conformance, a
+// go.mod tool) is a program: it is built from the module cache into a temp dir and run as a
 // process with its configuration in OCI_* variables. A mirror is read-only, so the suite
 // runs in its read-only mode: pushes and deletes off, and the content to pull named up front
 // (OCI_RO_DATA_*, the current names of the OCI_TAG_NAME, OCI_MANIFEST_DIGEST and
