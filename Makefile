@@ -57,6 +57,8 @@ containerd2: $(CONTAINERD2_DIR)/containerd $(CONTAINERD2_DIR)/ctr
 e2e: build build-race containerd2
 	CONTAINERD2_DIR=$(CONTAINERD2_DIR) NODE_MIRROR_BIN=$(CURDIR)/$(RACE_BIN) NODE_MIRROR_PLAIN_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 -timeout 20m ./test/e2e/... ./test/daemon/...
 
+# Both versions of the OCI conformance suite, the current one and the 2023 one (built from
+# the module proxy outside our go.mod), cold, warm and through the path prefix.
 conformance: build-race
 	NODE_MIRROR_BIN=$(CURDIR)/$(RACE_BIN) $(GO) test -count=1 -timeout 10m ./test/conformance/...
 

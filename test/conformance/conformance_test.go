@@ -1,8 +1,10 @@
 // Package conformance runs the OCI distribution-spec conformance suite, pull workflow,
-// against the node-mirror binary. Run with `make conformance`.
+// against the node-mirror binary, in two versions: the current one (this file) and the one
+// published in 2023, which many registries still run (conformance2023_test.go). Run with
+// `make conformance`.
 //
-// The suite (module github.com/opencontainers/distribution-spec/conformance, a go.mod
-// tool) is a program: it is built from the module cache into a temp dir and run as a
+// The current suite (module github.com/opencontainers/distribution-spec/conformance, a
+// go.mod tool) is a program: it is built from the module cache into a temp dir and run as a
 // process with its configuration in OCI_* variables. A mirror is read-only, so the suite
 // runs in its read-only mode: pushes and deletes off, and the content to pull named up front
 // (OCI_RO_DATA_*, the current names of the OCI_TAG_NAME, OCI_MANIFEST_DIGEST and
@@ -42,8 +44,8 @@ const suitePkg = "github.com/opencontainers/distribution-spec/conformance"
 // seeded is the content pre-seeded in the upstream, as the suite's read-only inputs.
 type seeded struct {
 	repo      string
-	tags      []string
-	manifests []v1.Hash
+	tags      []string  // tags[i] names manifests[i]
+	manifests []v1.Hash // every one tagged: the 2023 suite pulls each by its tag and its digest
 	blobs     []v1.Hash
 	referrers []v1.Hash // subjects
 }
@@ -88,20 +90,31 @@ func requireServedFromCache(t *testing.T, up *testenv.Upstream) {
 }
 
 // seed pushes to repo on up: a Docker schema 2 image (tag image), an OCI index of two
-// platforms (tag index), and an OCI artifact whose subject is the image (by digest), so
-// the referrers API has something to list.
+// platforms (tag index; its images tagged index-linux-amd64 and index-linux-arm64), and an
+// OCI artifact whose subject is the image (tag sbom), so the referrers API has something
+// to list.
 func seed(t *testing.T, up *testenv.Upstream, repo string) seeded {
 	t.Helper()
-	s := seeded{repo: repo, tags: []string{"image", "index"}}
+	s := seeded{repo: repo}
 	img := up.PushRandomImage(repo, "image", 3, 64<<10)
+	s.tags = append(s.tags, "image")
 	s.manifests = append(s.manifests, img.Digest)
 	s.blobs = append(s.blobs, img.Blobs()...)
 
 	idx := up.PushRandomIndex(repo, "index", 2, 32<<10)
+	s.tags = append(s.tags, "index")
 	s.manifests = append(s.manifests, idx.Digest)
 	for _, p := range []string{"linux/amd64", "linux/arm64"} {
-		s.manifests = append(s.manifests, idx.Platforms[p].Digest)
-		s.blobs = append(s.blobs, idx.Platforms[p].Blobs()...)
+		plat := idx.Platforms[p]
+		raw, err := plat.Image.RawManifest()
+		if err != nil {
+			t.Fatal(err)
+		}
+		tag := "index-" + strings.ReplaceAll(p, "/", "-")
+		up.PushManifest(repo, tag, plat.MediaType, raw)
+		s.tags = append(s.tags, tag)
+		s.manifests = append(s.manifests, plat.Digest)
+		s.blobs = append(s.blobs, plat.Blobs()...)
 	}
 
 	emptyConfig := up.PushBlob(repo, []byte("{}"))
@@ -124,6 +137,8 @@ func seed(t *testing.T, up *testenv.Upstream, repo string) seeded {
 		t.Fatal(err)
 	}
 	up.PushManifest(repo, d.String(), types.OCIManifestSchema1, body)
+	up.PushManifest(repo, "sbom", types.OCIManifestSchema1, body)
+	s.tags = append(s.tags, "sbom")
 	s.manifests = append(s.manifests, d)
 	s.blobs = append(s.blobs, emptyConfig, layer)
 	s.referrers = append(s.referrers, img.Digest)
