@@ -34,6 +34,7 @@ type blobSource struct {
 	err       error
 	failAfter int
 	extra     bool
+	gate      chan struct{} // when set, reading waits until it is closed
 }
 
 func newBlobSource(blobs ...[]byte) *blobSource {
@@ -63,6 +64,9 @@ func (s *blobSource) OpenChunk(ctx context.Context, req ChunkRequest) (io.ReadCl
 	if s.failAfter >= 0 {
 		r = io.MultiReader(io.LimitReader(r, int64(s.failAfter)), errReader{errors.New("upstream reset")})
 	}
+	if s.gate != nil {
+		r = gatedReader{s.gate, r}
+	}
 	return io.NopCloser(r), nil
 }
 
@@ -70,6 +74,16 @@ func (s *blobSource) callCount() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return len(s.calls)
+}
+
+type gatedReader struct {
+	gate <-chan struct{}
+	r    io.Reader
+}
+
+func (g gatedReader) Read(p []byte) (int, error) {
+	<-g.gate
+	return g.r.Read(p)
 }
 
 type errReader struct{ err error }
