@@ -47,6 +47,8 @@
 // Content-Length; if the source fails midway the connection is cut, never ended clean.
 // Errors are the OCI envelope {"errors":[{"code","message"}]}: the source's ErrNotFound
 // is 404, ErrTooManyRequests 429, anything else 503; other paths 404, other methods 405.
+// HEAD answers as GET would, without the body: it opens the chunk (so it may start a
+// download) and closes it.
 //
 // Fetch is the client: it signs, dials the member's PeerAddr (Config.DialTimeout, 500 ms),
 // waits Config.HeaderTimeout (3 s) for headers, requires 200 and Content-Length == length,

@@ -313,7 +313,7 @@ func (f *Fleet) memberlistConfig() (*memberlist.Config, error) {
 	mc.GossipVerifyIncoming, mc.GossipVerifyOutgoing = true, true
 	mc.Delegate = delegate{f}
 	mc.Events = events{f}
-	mc.Logger = log.New(mlLog{f.log}, "", 0)
+	mc.Logger = log.New(mlLog{f.log, "memberlist"}, "", 0)
 	return mc, nil
 }
 
@@ -466,7 +466,7 @@ func (f *Fleet) Serve(ln net.Listener, src ChunkSource) error {
 		IdleTimeout:       90 * time.Second,
 		MaxHeaderBytes:    16 << 10,
 		TLSConfig:         f.srvTLS,
-		ErrorLog:          log.New(mlLog{f.log.With("component", "peer-api")}, "", 0),
+		ErrorLog:          log.New(mlLog{f.log, "peer-api"}, "", 0),
 	}
 	f.mu.Lock()
 	if f.closed || f.srv != nil {

@@ -6,9 +6,13 @@ import (
 	"log/slog"
 )
 
-// mlLog turns memberlist's "[LEVEL] memberlist: message" lines into slog records, so its
-// messages land in the daemon's log with levels a filter understands.
-type mlLog struct{ log *slog.Logger }
+// mlLog turns the lines of a log.Logger (memberlist's "[LEVEL] memberlist: message", or
+// net/http's server errors) into slog records, so they land in the daemon's log with
+// levels a filter understands.
+type mlLog struct {
+	log       *slog.Logger
+	component string
+}
 
 func (l mlLog) Write(p []byte) (int, error) {
 	line := bytes.TrimSpace(p)
@@ -28,6 +32,6 @@ func (l mlLog) Write(p []byte) (int, error) {
 		}
 	}
 	line = bytes.TrimPrefix(line, []byte("memberlist: "))
-	l.log.Log(context.Background(), level, string(line), "component", "memberlist")
+	l.log.Log(context.Background(), level, string(line), "component", l.component)
 	return len(p), nil
 }
