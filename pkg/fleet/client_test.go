@@ -1,0 +1,376 @@
+package fleet
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+)
+
+// fakePeer is a peer API that misbehaves at the TCP level: serve gets each connection
+// after the request headers were read.
+func fakePeer(t *testing.T, serve func(c net.Conn, req *http.Request)) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var conns []net.Conn
+	done := make(chan struct{})
+	t.Cleanup(func() {
+		close(done)
+		ln.Close()
+		mu.Lock()
+		for _, c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
+		wg.Wait()
+	})
+	wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns = append(conns, c)
+			mu.Unlock()
+			wg.Go(func() {
+				req, err := http.ReadRequest(bufio.NewReader(c))
+				if err != nil {
+					return
+				}
+				serve(c, req)
+				<-done // hold the connection open: a stalled peer, not a closed one
+			})
+		}
+	})
+	return ln.Addr().String()
+}
+
+const (
+	testDial   = 200 * time.Millisecond
+	testHeader = 300 * time.Millisecond
+	testIdle   = 300 * time.Millisecond
+	// quickly is how long a failure may take beyond its timeout on a loaded machine. It
+	// stays below the defaults (3 s, 5 s): a fetch that waited for those did not honour
+	// its configuration.
+	quickly = 2500 * time.Millisecond
+)
+
+func withTimeouts(c *Config) {
+	c.DialTimeout, c.HeaderTimeout, c.IdleTimeout = testDial, testHeader, testIdle
+}
+
+func TestFetchFromMisbehavingPeers(t *testing.T) {
+	const length = 64 << 10
+	blob := testBlob(length * 2)
+	req := chunkReq(blob, 0, length)
+	head := func(cl int64) string {
+		return fmt.Sprintf("HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: %d\r\n\r\n", cl)
+	}
+	closed := func() string {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		addr := ln.Addr().String()
+		ln.Close()
+		return addr
+	}
+	tests := []struct {
+		name   string
+		addr   func(t *testing.T) string
+		reason string
+		// atFetch: Fetch itself fails; otherwise the body does, before its end.
+		atFetch  bool
+		status   int
+		sentinel error
+		soft     bool // counts as a soft failure: Owners skips the peer for a while
+	}{
+		{name: "nothing listens", addr: func(*testing.T) string { return closed() }, reason: FallbackDown, atFetch: true, soft: true},
+		{name: "accepts, sends nothing", addr: func(t *testing.T) string {
+			return fakePeer(t, func(net.Conn, *http.Request) {})
+		}, reason: FallbackTimeout, atFetch: true, soft: true},
+		{name: "headers, then stalls", addr: func(t *testing.T) string {
+			return fakePeer(t, func(c net.Conn, _ *http.Request) { io.WriteString(c, head(length)) })
+		}, reason: FallbackTimeout, soft: true},
+		{name: "half the body, then stalls", addr: func(t *testing.T) string {
+			return fakePeer(t, func(c net.Conn, _ *http.Request) {
+				io.WriteString(c, head(length))
+				c.Write(blob[:length/2])
+			})
+		}, reason: FallbackTimeout, soft: true},
+		{name: "all but the last byte, then stalls", addr: func(t *testing.T) string {
+			return fakePeer(t, func(c net.Conn, _ *http.Request) {
+				io.WriteString(c, head(length))
+				c.Write(blob[:length-1])
+			})
+		}, reason: FallbackTimeout, soft: true},
+		{name: "short body, then closes", addr: func(t *testing.T) string {
+			return fakePeer(t, func(c net.Conn, _ *http.Request) {
+				io.WriteString(c, head(length))
+				c.Write(blob[:length/2])
+				c.Close()
+			})
+		}, reason: FallbackError, soft: true},
+		{name: "Content-Length too small", addr: func(t *testing.T) string {
+			return fakePeer(t, func(c net.Conn, _ *http.Request) {
+				io.WriteString(c, head(length-1))
+				c.Write(blob[:length-1])
+			})
+		}, reason: FallbackError, atFetch: true, status: 200, soft: true},
+		{name: "Content-Length too large", addr: func(t *testing.T) string {
+			return fakePeer(t, func(c net.Conn, _ *http.Request) {
+				io.WriteString(c, head(length+1))
+				c.Write(blob[:length+1])
+			})
+		}, reason: FallbackError, atFetch: true, status: 200, soft: true},
+		{name: "chunked, no Content-Length", addr: func(t *testing.T) string {
+			return fakePeer(t, func(c net.Conn, _ *http.Request) {
+				io.WriteString(c, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+				fmt.Fprintf(c, "%x\r\n%s\r\n0\r\n\r\n", length, blob[:length])
+			})
+		}, reason: FallbackError, atFetch: true, status: 200, soft: true},
+		{name: "redirect", addr: func(t *testing.T) string {
+			return fakePeer(t, func(c net.Conn, _ *http.Request) {
+				io.WriteString(c, "HTTP/1.1 307 Temporary Redirect\r\nLocation: http://169.254.169.254/\r\nContent-Length: 0\r\n\r\n")
+			})
+		}, reason: FallbackError, atFetch: true, status: 307, soft: true},
+		{name: "500", addr: func(t *testing.T) string {
+			return fakePeer(t, func(c net.Conn, _ *http.Request) {
+				io.WriteString(c, "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n")
+			})
+		}, reason: FallbackError, atFetch: true, status: 500, soft: true},
+		{name: "401", addr: func(t *testing.T) string {
+			return fakePeer(t, func(c net.Conn, _ *http.Request) {
+				io.WriteString(c, "HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n")
+			})
+		}, reason: FallbackRefused, atFetch: true, status: 401, sentinel: ErrUnauthorized, soft: true},
+		{name: "404 is an answer", addr: func(t *testing.T) string {
+			return fakePeer(t, func(c net.Conn, _ *http.Request) {
+				io.WriteString(c, "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+			})
+		}, reason: FallbackError, atFetch: true, status: 404, sentinel: ErrNotFound},
+		{name: "503 is an answer", addr: func(t *testing.T) string {
+			return fakePeer(t, func(c net.Conn, _ *http.Request) {
+				io.WriteString(c, "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+			})
+		}, reason: FallbackError, atFetch: true, status: 503, sentinel: ErrUnavailable},
+		{name: "429 is an answer", addr: func(t *testing.T) string {
+			return fakePeer(t, func(c net.Conn, _ *http.Request) {
+				io.WriteString(c, "HTTP/1.1 429 Too Many Requests\r\nContent-Length: 0\r\n\r\n")
+			})
+		}, reason: FallbackRefused, atFetch: true, status: 429, sentinel: ErrTooManyRequests},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			n := startNode(t, "node-a", nil, withTimeouts)
+			fake := addFakeMember(n.Fleet, "fake", tt.addr(t))
+			if !slices.Contains(names(n.Owners(req.Digest, 0)), "fake") {
+				t.Fatal("the fake member is not among the owners to begin with")
+			}
+			start := time.Now()
+			rc, err := n.Fetch(context.Background(), fake, req)
+			if err == nil {
+				if tt.atFetch {
+					rc.Close()
+					t.Fatal("Fetch succeeded")
+				}
+				var got []byte
+				got, err = io.ReadAll(rc)
+				rc.Close()
+				if err == nil {
+					t.Fatalf("read %d bytes and a clean end from a broken peer", len(got))
+				}
+				if len(got) >= length {
+					t.Fatalf("read all %d bytes, then %v", len(got), err)
+				}
+			} else if !tt.atFetch {
+				t.Fatalf("Fetch: %v; want the body to fail", err)
+			}
+			elapsed := time.Since(start)
+			t.Logf("failed after %v: %v", elapsed.Round(time.Millisecond), err)
+			if elapsed > quickly {
+				t.Errorf("took %v; the timeouts are %v, %v, %v", elapsed, testDial, testHeader, testIdle)
+			}
+			fe, ok := errors.AsType[*FetchError](err)
+			if !ok {
+				t.Fatalf("error %T %v is not a *FetchError", err, err)
+			}
+			if fe.Reason != tt.reason || FallbackReason(err) != tt.reason || fe.Peer != "fake" {
+				t.Errorf("reason %q, peer %q; want %q, fake", fe.Reason, fe.Peer, tt.reason)
+			}
+			if tt.status != 0 && fe.Status != tt.status {
+				t.Errorf("status %d, want %d", fe.Status, tt.status)
+			}
+			if tt.sentinel != nil && !errors.Is(err, tt.sentinel) {
+				t.Errorf("errors.Is(%v, %v) is false", err, tt.sentinel)
+			}
+			skipped := !slices.Contains(names(n.Owners(req.Digest, 0)), "fake")
+			if skipped != tt.soft {
+				t.Errorf("skipped by Owners: %v, want %v", skipped, tt.soft)
+			}
+		})
+	}
+}
+
+// addFakeMember puts a live member into f's table as if memberlist had reported it.
+func addFakeMember(f *Fleet, name, peerAddr string) Member {
+	m := Member{Name: name, GossipAddr: "127.0.0.1:1", PeerAddr: peerAddr, State: StateAlive}
+	f.mu.Lock()
+	f.peers[name] = &peer{Member: m, since: time.Now()}
+	f.mu.Unlock()
+	return m
+}
+
+func TestFetchCallerCancelIsNotThePeersFault(t *testing.T) {
+	n := startNode(t, "node-a", nil, withTimeouts)
+	stall := addFakeMember(n.Fleet, "stall", fakePeer(t, func(c net.Conn, _ *http.Request) {
+		io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+	}))
+	blob := testBlob(1000)
+	ctx, cancel := context.WithCancel(context.Background())
+	rc, err := n.Fetch(ctx, stall, chunkReq(blob, 0, 100))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cancel()
+	if _, err := io.ReadAll(rc); !errors.Is(err, context.Canceled) {
+		t.Fatalf("read after cancel: %v", err)
+	}
+	rc.Close()
+	if !slices.Contains(names(n.Owners(digest.FromBytes(blob), 0)), "stall") {
+		t.Fatal("a peer was put in backoff because our caller went away")
+	}
+}
+
+func TestSoftFailureBackoffAndRecovery(t *testing.T) {
+	blob := testBlob(4096)
+	a := startNode(t, "node-a", newBlobSource(blob))
+	b := startNode(t, "node-b", nil, func(c *Config) {
+		withTimeouts(c)
+		c.health = healthPolicy{faultLimit: 3, faultWindow: time.Hour, quarantine: time.Hour,
+			softBase: 200 * time.Millisecond, softMax: 400 * time.Millisecond}
+	}, withJoin(a.GossipAddr()))
+	waitFor(t, "two members", convergeDeadline, func() bool { return len(liveNames(b.Fleet)) == 2 })
+	d := digest.FromBytes(blob)
+	real := Member{Name: "node-a", PeerAddr: a.cfg.PeerAdvertise}
+
+	// A failure (here: asking node-a at a dead address) puts it in backoff...
+	if _, err := b.Fetch(context.Background(), Member{Name: "node-a", PeerAddr: "127.0.0.1:1"}, chunkReq(blob, 0, 10)); FallbackReason(err) != FallbackDown {
+		t.Fatalf("Fetch from a dead address: %v", err)
+	}
+	if slices.Contains(names(b.Owners(d, 0)), "node-a") {
+		t.Fatal("node-a is still an owner right after a failure")
+	}
+	// ...which ends by itself,
+	waitFor(t, "backoff ends", convergeDeadline, func() bool { return slices.Contains(names(b.Owners(d, 0)), "node-a") })
+	// and a success resets the count, so the next failure backs off from the start.
+	for range 3 {
+		b.Fetch(context.Background(), Member{Name: "node-a", PeerAddr: "127.0.0.1:1"}, chunkReq(blob, 0, 10))
+	}
+	rc, err := b.Fetch(context.Background(), real, chunkReq(blob, 0, 10))
+	if err != nil {
+		t.Fatalf("Fetch from node-a: %v", err)
+	}
+	rc.Close()
+	if !slices.Contains(names(b.Owners(d, 0)), "node-a") {
+		t.Fatal("a successful fetch did not end the backoff")
+	}
+}
+
+func TestFaultsQuarantine(t *testing.T) {
+	n := startNode(t, "node-a", nil, func(c *Config) {
+		c.health = healthPolicy{faultLimit: 3, faultWindow: time.Hour, quarantine: 300 * time.Millisecond,
+			softBase: time.Second, softMax: time.Second}
+	})
+	addFakeMember(n.Fleet, "liar", "127.0.0.1:1")
+	d := digest.FromString("x")
+	for i := range 2 {
+		n.ReportFault("liar")
+		if !slices.Contains(names(n.Owners(d, 0)), "liar") {
+			t.Fatalf("quarantined after %d faults; the limit is 3", i+1)
+		}
+	}
+	n.ReportFault("liar")
+	if slices.Contains(names(n.Owners(d, 0)), "liar") {
+		t.Fatal("not quarantined after 3 faults")
+	}
+	var st PeerStats
+	for _, s := range n.Stats() {
+		if s.Name == "liar" {
+			st = s
+		}
+	}
+	if st.Faults != 3 || st.QuarantinedUntil.IsZero() {
+		t.Fatalf("stats %+v; want 3 faults and a quarantine", st)
+	}
+	if got := metricValue(t, n.reg, "node_mirror_peer_faults_total"); got != 3 {
+		t.Fatalf("node_mirror_peer_faults_total = %v", got)
+	}
+	waitFor(t, "quarantine ends", convergeDeadline, func() bool { return slices.Contains(names(n.Owners(d, 0)), "liar") })
+	// A node never quarantines itself, whatever it is told; unknown names change nothing.
+	for range 5 {
+		n.ReportFault("node-a")
+		n.ReportFault("nobody")
+	}
+	if got := names(n.Owners(d, 0)); !slices.Contains(got, "node-a") || slices.Contains(got, "nobody") {
+		t.Fatalf("owners %v", got)
+	}
+}
+
+func TestFaultWindow(t *testing.T) {
+	pol := healthPolicy{faultLimit: 3, faultWindow: time.Minute, quarantine: time.Hour}
+	var p peer
+	t0 := time.Unix(1_000_000, 0)
+	// Faults spread wider than the window never add up to a quarantine.
+	for i := range 10 {
+		if p.fault(t0.Add(time.Duration(i)*40*time.Second), pol) {
+			t.Fatalf("quarantined at fault %d, 40 s apart with a 1 min window", i+1)
+		}
+	}
+	if p.faultTotal != 10 || len(p.faults) > pol.faultLimit {
+		t.Fatalf("total %d, kept %d", p.faultTotal, len(p.faults))
+	}
+	// Three within it do.
+	t1 := t0.Add(time.Hour)
+	p.fault(t1, pol)
+	p.fault(t1.Add(time.Second), pol)
+	if !p.fault(t1.Add(2*time.Second), pol) {
+		t.Fatal("3 faults in 2 s did not quarantine")
+	}
+	if p.eligible(t1.Add(30 * time.Minute)) {
+		t.Fatal("eligible during quarantine")
+	}
+}
+
+func TestNoteFallbackBoundsLabels(t *testing.T) {
+	n := startNode(t, "node-a", nil)
+	for _, r := range []string{FallbackDown, FallbackTimeout, "made-up", FallbackFault} {
+		n.NoteFallback(r)
+	}
+	for r, want := range map[string]float64{FallbackDown: 1, FallbackTimeout: 1, FallbackFault: 1, FallbackError: 1, FallbackRefused: 0} {
+		if got := metricValue(t, n.reg, "node_mirror_peer_fallbacks_total", "reason", r); got != want {
+			t.Errorf("fallbacks{reason=%s} = %v, want %v", r, got, want)
+		}
+	}
+	mfs, _ := n.reg.Gather()
+	for _, mf := range mfs {
+		if mf.GetName() == "node_mirror_peer_fallbacks_total" && len(mf.GetMetric()) != 5 {
+			t.Fatalf("%d reason labels, want the 5 defined", len(mf.GetMetric()))
+		}
+	}
+}

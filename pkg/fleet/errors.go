@@ -1,0 +1,122 @@
+package fleet
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"strconv"
+)
+
+// Errors a ChunkSource returns (wrapped as it likes) to choose the status a peer sees, and
+// that Fetch returns (inside a *FetchError) for those statuses.
+var (
+	ErrNotFound        = errors.New("not found")         // 404: no such blob, or hop 1 and not here
+	ErrUnavailable     = errors.New("unavailable")       // 503: upstream down or failing
+	ErrTooManyRequests = errors.New("too many requests") // 429: upstream rate-limits us
+	ErrUnauthorized    = errors.New("unauthorized")      // 401 from a peer: keys differ
+)
+
+// Reasons for a fallback to upstream, the values of node_mirror_peer_fallbacks_total's
+// reason label and of FetchError.Reason.
+const (
+	FallbackDown    = "down"    // the owner could not be dialled
+	FallbackTimeout = "timeout" // no headers, or no bytes, within the timeouts
+	FallbackRefused = "refused" // the owner answered but declined: 401, 403, 429
+	FallbackFault   = "fault"   // bytes from the owner failed verification (the mirror says so)
+	FallbackError   = "error"   // anything else: 404, 5xx, a short or malformed response
+)
+
+var fallbackReasons = []string{FallbackDown, FallbackTimeout, FallbackRefused, FallbackFault, FallbackError}
+
+// FetchError is every error Fetch and the bodies it returns report. Reason is one of the
+// Fallback* values; errors.Is(err, ErrNotFound) and friends work through Unwrap.
+type FetchError struct {
+	Peer   string
+	Reason string
+	Status int // HTTP status when the peer answered, else 0
+	Err    error
+}
+
+func (e *FetchError) Error() string {
+	if e.Status != 0 {
+		return fmt.Sprintf("peer %s: status %d: %v", e.Peer, e.Status, e.Err)
+	}
+	return fmt.Sprintf("peer %s: %v", e.Peer, e.Err)
+}
+
+func (e *FetchError) Unwrap() error { return e.Err }
+
+// FallbackReason is the fallback reason for an error from Fetch or its body: err's
+// Reason if it is a *FetchError, FallbackError otherwise.
+func FallbackReason(err error) string {
+	if fe, ok := errors.AsType[*FetchError](err); ok {
+		return fe.Reason
+	}
+	return FallbackError
+}
+
+// wireError is one OCI error envelope entry with its status.
+type wireError struct {
+	status  int
+	code    string
+	message string
+}
+
+var (
+	errUnauthorized    = wireError{http.StatusUnauthorized, "UNAUTHORIZED", "authentication required"}
+	errNotFound        = wireError{http.StatusNotFound, "NOT_FOUND", "no such endpoint"}
+	errMethod          = wireError{http.StatusMethodNotAllowed, "UNSUPPORTED", "only GET and HEAD"}
+	errBadRequest      = wireError{http.StatusBadRequest, "BAD_REQUEST", "invalid peer request"}
+	errBlobUnknown     = wireError{http.StatusNotFound, "BLOB_UNKNOWN", "blob unknown to this member"}
+	errUnavailable     = wireError{http.StatusServiceUnavailable, "UNAVAILABLE", "blob unavailable"}
+	errTooManyRequests = wireError{http.StatusTooManyRequests, "TOOMANYREQUESTS", "upstream registry is rate-limiting"}
+)
+
+// toWire is the one place where a source's errors become statuses.
+func toWire(err error) wireError {
+	switch {
+	case errors.Is(err, ErrNotFound):
+		return errBlobUnknown
+	case errors.Is(err, ErrTooManyRequests):
+		return errTooManyRequests
+	default:
+		return errUnavailable
+	}
+}
+
+// fromStatus is the inverse for the client: the sentinel for a peer's status.
+func fromStatus(status int) (reason string, err error) {
+	switch status {
+	case http.StatusNotFound:
+		return FallbackError, ErrNotFound
+	case http.StatusServiceUnavailable:
+		return FallbackError, ErrUnavailable
+	case http.StatusTooManyRequests:
+		return FallbackRefused, ErrTooManyRequests
+	case http.StatusUnauthorized, http.StatusForbidden:
+		return FallbackRefused, ErrUnauthorized
+	}
+	return FallbackError, fmt.Errorf("unexpected status")
+}
+
+func writeError(w http.ResponseWriter, r *http.Request, e wireError, detail string) {
+	type entry struct {
+		Code    string `json:"code"`
+		Message string `json:"message"`
+		Detail  string `json:"detail,omitempty"`
+	}
+	b, _ := json.Marshal(struct {
+		Errors []entry `json:"errors"`
+	}{[]entry{{e.code, e.message, detail}}})
+	h := w.Header()
+	if e.status == http.StatusMethodNotAllowed {
+		h.Set("Allow", "GET, HEAD")
+	}
+	h.Set("Content-Type", "application/json")
+	h.Set("Content-Length", strconv.Itoa(len(b)))
+	w.WriteHeader(e.status)
+	if r.Method != http.MethodHead {
+		w.Write(b)
+	}
+}

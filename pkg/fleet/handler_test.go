@@ -1,0 +1,509 @@
+package fleet
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+)
+
+var (
+	testKey  = bytes.Repeat([]byte{0x42}, KeySize)
+	otherKey = bytes.Repeat([]byte{0x24}, KeySize)
+)
+
+// blobSource serves chunks of blobs held in memory and records what it was asked.
+type blobSource struct {
+	mu    sync.Mutex
+	blobs map[digest.Digest][]byte
+	calls []ChunkRequest
+	// err, when set, is returned by OpenChunk; failAfter >= 0 makes the reader fail after
+	// that many bytes; extra appends bytes beyond the requested range.
+	err       error
+	failAfter int
+	extra     bool
+	gate      chan struct{} // when set, reading waits until it is closed
+}
+
+func newBlobSource(blobs ...[]byte) *blobSource {
+	s := &blobSource{blobs: map[digest.Digest][]byte{}, failAfter: -1}
+	for _, b := range blobs {
+		s.blobs[digest.FromBytes(b)] = b
+	}
+	return s
+}
+
+func (s *blobSource) OpenChunk(ctx context.Context, req ChunkRequest) (io.ReadCloser, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.calls = append(s.calls, req)
+	if s.err != nil {
+		return nil, s.err
+	}
+	b, ok := s.blobs[req.Digest]
+	if !ok {
+		return nil, fmt.Errorf("blob %s: %w", req.Digest, ErrNotFound)
+	}
+	chunk := b[req.Offset : req.Offset+req.Length]
+	if s.extra {
+		chunk = append(bytes.Clone(chunk), "trailing garbage"...)
+	}
+	var r io.Reader = bytes.NewReader(chunk)
+	if s.failAfter >= 0 {
+		r = io.MultiReader(io.LimitReader(r, int64(s.failAfter)), errReader{errors.New("upstream reset")})
+	}
+	if s.gate != nil {
+		r = gatedReader{s.gate, r}
+	}
+	return io.NopCloser(r), nil
+}
+
+func (s *blobSource) callCount() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.calls)
+}
+
+type gatedReader struct {
+	gate <-chan struct{}
+	r    io.Reader
+}
+
+func (g gatedReader) Read(p []byte) (int, error) {
+	<-g.gate
+	return g.r.Read(p)
+}
+
+type errReader struct{ err error }
+
+func (r errReader) Read([]byte) (int, error) { return 0, r.err }
+
+// testLogger logs to t until the test's cleanups run: memberlist's goroutines may log a
+// last line after Shutdown returns, which t.Log would turn into a panic.
+func testLogger(t *testing.T) *slog.Logger {
+	w := &testWriter{t: t}
+	t.Cleanup(func() {
+		w.mu.Lock()
+		w.done = true
+		w.mu.Unlock()
+	})
+	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelDebug}))
+}
+
+type testWriter struct {
+	mu   sync.Mutex
+	t    *testing.T
+	done bool
+}
+
+func (w *testWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !w.done {
+		w.t.Log(strings.TrimRight(string(p), "\n"))
+	}
+	return len(p), nil
+}
+
+// peerServer runs the peer API for src with the test key and returns its base URL and
+// the bytes it counted out, per peer.
+func peerServer(t *testing.T, src ChunkSource) (string, *sync.Map) {
+	t.Helper()
+	var sent sync.Map
+	h := &handler{src: src, handlerConfig: handlerConfig{
+		sign:      signer{key: deriveKey(testKey, labelSign)},
+		maxChunk:  1 << 20,
+		writeIdle: 30 * time.Second,
+		log:       testLogger(t),
+		sent: func(peer string) func(int64) {
+			v, _ := sent.LoadOrStore(peer, new(atomic.Int64))
+			return func(n int64) { v.(*atomic.Int64).Add(n) }
+		},
+		now: time.Now,
+	}}
+	srv := httptest.NewServer(h)
+	t.Cleanup(srv.Close)
+	return srv.URL, &sent
+}
+
+func testBlob(n int) []byte {
+	b := make([]byte, n)
+	for i := range b {
+		b[i] = byte(i*7 + i/251)
+	}
+	return b
+}
+
+func chunkReq(blob []byte, off, length int64) ChunkRequest {
+	return ChunkRequest{Registry: "docker.io", Repo: "library/nginx", Digest: digest.FromBytes(blob),
+		Size: int64(len(blob)), Offset: off, Length: length}
+}
+
+func signed(t *testing.T, base, method, target string, key []byte, peer string, at time.Time) *http.Request {
+	t.Helper()
+	r, err := http.NewRequest(method, base+target, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	signer{key: deriveKey(key, labelSign)}.sign(r, peer, at)
+	return r
+}
+
+func do(t *testing.T, r *http.Request) (*http.Response, []byte, error) {
+	t.Helper()
+	resp, err := http.DefaultClient.Do(r)
+	if err != nil {
+		t.Fatalf("%s %s: %v", r.Method, r.URL, err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	return resp, body, err
+}
+
+func errorCode(t *testing.T, body []byte) string {
+	t.Helper()
+	var env struct {
+		Errors []struct{ Code, Message string }
+	}
+	if err := json.Unmarshal(body, &env); err != nil || len(env.Errors) != 1 {
+		t.Fatalf("body %q is not an OCI error envelope with one error: %v", body, err)
+	}
+	return env.Errors[0].Code
+}
+
+func TestPeerAPIAuthentication(t *testing.T) {
+	blob := testBlob(100_000)
+	src := newBlobSource(blob)
+	base, _ := peerServer(t, src)
+	req := chunkReq(blob, 1000, 5000)
+	target := req.target()
+	other := chunkReq(blob, 6000, 5000).target()
+	now := time.Now()
+
+	tests := []struct {
+		name string
+		// build returns the request to send, from a correctly signed GET of target.
+		build func() *http.Request
+		ok    bool
+	}{
+		{"valid", func() *http.Request { return signed(t, base, "GET", target, testKey, "node-a", now) }, true},
+		{"valid, 20s old", func() *http.Request {
+			return signed(t, base, "GET", target, testKey, "node-a", now.Add(-20*time.Second))
+		}, true},
+		{"valid, 20s ahead", func() *http.Request {
+			return signed(t, base, "GET", target, testKey, "node-a", now.Add(20*time.Second))
+		}, true},
+		{"no headers", func() *http.Request {
+			r, _ := http.NewRequest("GET", base+target, nil)
+			return r
+		}, false},
+		{"no signature", func() *http.Request {
+			r := signed(t, base, "GET", target, testKey, "node-a", now)
+			r.Header.Del(HeaderSignature)
+			return r
+		}, false},
+		{"no time", func() *http.Request {
+			r := signed(t, base, "GET", target, testKey, "node-a", now)
+			r.Header.Del(HeaderTime)
+			return r
+		}, false},
+		{"no peer", func() *http.Request {
+			r := signed(t, base, "GET", target, testKey, "node-a", now)
+			r.Header.Del(HeaderPeer)
+			return r
+		}, false},
+		{"wrong key", func() *http.Request { return signed(t, base, "GET", target, otherKey, "node-a", now) }, false},
+		{"fleet key itself, not the derived one", func() *http.Request {
+			r, _ := http.NewRequest("GET", base+target, nil)
+			signer{key: testKey}.sign(r, "node-a", now)
+			return r
+		}, false},
+		{"tampered path", func() *http.Request {
+			r := signed(t, base, "GET", target, testKey, "node-a", now)
+			r.URL.Path = blobsPath + digest.FromString("other").String()
+			return r
+		}, false},
+		{"tampered query value", func() *http.Request {
+			r := signed(t, base, "GET", target, testKey, "node-a", now)
+			r.URL.RawQuery = strings.Replace(r.URL.RawQuery, "offset=1000", "offset=2000", 1)
+			return r
+		}, false},
+		{"tampered registry", func() *http.Request {
+			r := signed(t, base, "GET", target, testKey, "node-a", now)
+			r.URL.RawQuery = strings.Replace(r.URL.RawQuery, "registry=docker.io", "registry=ghcr.io", 1)
+			return r
+		}, false},
+		{"query parameter appended", func() *http.Request {
+			r := signed(t, base, "GET", target, testKey, "node-a", now)
+			r.URL.RawQuery += "&x=1"
+			return r
+		}, false},
+		{"query reordered", func() *http.Request {
+			r := signed(t, base, "GET", target, testKey, "node-a", now)
+			q := strings.Split(r.URL.RawQuery, "&")
+			q[0], q[1] = q[1], q[0]
+			r.URL.RawQuery = strings.Join(q, "&")
+			return r
+		}, false},
+		{"tampered method", func() *http.Request {
+			r := signed(t, base, "GET", target, testKey, "node-a", now)
+			r.Method = "HEAD"
+			return r
+		}, false},
+		{"tampered peer name", func() *http.Request {
+			r := signed(t, base, "GET", target, testKey, "node-a", now)
+			r.Header.Set(HeaderPeer, "node-b")
+			return r
+		}, false},
+		{"tampered time", func() *http.Request {
+			r := signed(t, base, "GET", target, testKey, "node-a", now)
+			r.Header.Set(HeaderTime, fmt.Sprint(now.Unix()+1))
+			return r
+		}, false},
+		{"time with a sign", func() *http.Request {
+			r := signed(t, base, "GET", target, testKey, "node-a", now)
+			r.Header.Set(HeaderTime, "+"+r.Header.Get(HeaderTime))
+			return r
+		}, false},
+		{"expired", func() *http.Request {
+			return signed(t, base, "GET", target, testKey, "node-a", now.Add(-31*time.Second))
+		}, false},
+		{"long expired", func() *http.Request { return signed(t, base, "GET", target, testKey, "node-a", now.Add(-24*time.Hour)) }, false},
+		{"future", func() *http.Request {
+			return signed(t, base, "GET", target, testKey, "node-a", now.Add(31*time.Second))
+		}, false},
+		{"replayed on another path", func() *http.Request {
+			r := signed(t, base, "GET", target, testKey, "node-a", now)
+			r2 := signed(t, base, "GET", other, testKey, "node-a", now)
+			r2.Header = r.Header.Clone()
+			return r2
+		}, false},
+		{"signature twice", func() *http.Request {
+			r := signed(t, base, "GET", target, testKey, "node-a", now)
+			r.Header.Add(HeaderSignature, r.Header.Get(HeaderSignature))
+			return r
+		}, false},
+		{"signature upper-case hex", func() *http.Request {
+			r := signed(t, base, "GET", target, testKey, "node-a", now)
+			r.Header.Set(HeaderSignature, strings.ToUpper(r.Header.Get(HeaderSignature)))
+			return r
+		}, true}, // the same bytes: hex decoding is case-insensitive, the MAC is what counts
+		{"signature truncated", func() *http.Request {
+			r := signed(t, base, "GET", target, testKey, "node-a", now)
+			r.Header.Set(HeaderSignature, r.Header.Get(HeaderSignature)[:62])
+			return r
+		}, false},
+		{"unauthenticated 404 path", func() *http.Request {
+			r, _ := http.NewRequest("GET", base+"/nope", nil)
+			return r
+		}, false},
+		{"unauthenticated POST", func() *http.Request {
+			r, _ := http.NewRequest("POST", base+target, nil)
+			return r
+		}, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			before := src.callCount()
+			r := tt.build()
+			resp, body, err := do(t, r)
+			if tt.ok {
+				if resp.StatusCode != http.StatusOK || err != nil {
+					t.Fatalf("status %d, err %v, body %q; want 200", resp.StatusCode, err, body)
+				}
+				if want := blob[1000:6000]; r.Method == "GET" && !bytes.Equal(body, want) {
+					t.Fatalf("got %d bytes, want the %d of the range", len(body), len(want))
+				}
+				return
+			}
+			if resp.StatusCode != http.StatusUnauthorized {
+				t.Fatalf("status %d, body %q; want 401", resp.StatusCode, body)
+			}
+			if r.Method != "HEAD" {
+				if code := errorCode(t, body); code != "UNAUTHORIZED" {
+					t.Fatalf("code %s, want UNAUTHORIZED", code)
+				}
+				if bytes.Contains(body, []byte("expired")) || bytes.Contains(body, []byte("signature")) {
+					t.Fatalf("a refusal says why: %q", body)
+				}
+			}
+			if n := src.callCount(); n != before {
+				t.Fatalf("the source was called for an unauthenticated request")
+			}
+		})
+	}
+}
+
+func TestPeerAPIValidation(t *testing.T) {
+	blob := testBlob(10_000)
+	src := newBlobSource(blob)
+	base, _ := peerServer(t, src)
+	good := chunkReq(blob, 0, 100)
+	d := good.Digest.String()
+	q := func(kv ...string) string {
+		// Default parameters, overridden by kv pairs; "" values are removed.
+		m := map[string]string{"registry": "docker.io", "repo": "library/nginx", "size": "10000",
+			"offset": "0", "length": "100", "hop": "0"}
+		for i := 0; i < len(kv); i += 2 {
+			m[kv[i]] = kv[i+1]
+		}
+		var parts []string
+		for _, k := range []string{"registry", "repo", "size", "offset", "length", "hop"} {
+			if v, ok := m[k]; ok && v != "" {
+				parts = append(parts, k+"="+v)
+			}
+		}
+		return strings.Join(parts, "&")
+	}
+	tests := []struct {
+		name, method, target string
+		status               int
+		code                 string
+	}{
+		{"ok", "GET", blobsPath + d + "?" + q(), 200, ""},
+		{"ok head", "HEAD", blobsPath + d + "?" + q(), 200, ""},
+		{"ok hop 1", "GET", blobsPath + d + "?" + q("hop", "1"), 200, ""},
+		{"ok registry with port", "GET", blobsPath + d + "?" + q("registry", "localhost:5000"), 200, ""},
+		{"other path", "GET", "/v2/", 404, "NOT_FOUND"},
+		{"blobs prefix only", "GET", blobsPath + "?" + q(), 400, "BAD_REQUEST"},
+		{"extra path element", "GET", blobsPath + d + "/x?" + q(), 404, "NOT_FOUND"},
+		{"encoded slash", "GET", blobsPath + "sha256%2F..%2Fx?" + q(), 404, "NOT_FOUND"},
+		{"dot dot", "GET", "/peer/v1/blobs/../blobs/" + d + "?" + q(), 404, "NOT_FOUND"},
+		{"POST", "POST", blobsPath + d + "?" + q(), 405, "UNSUPPORTED"},
+		{"DELETE", "DELETE", blobsPath + d + "?" + q(), 405, "UNSUPPORTED"},
+		{"md5 digest", "GET", blobsPath + "md5:d41d8cd98f00b204e9800998ecf8427e?" + q(), 400, "BAD_REQUEST"},
+		{"short hex", "GET", blobsPath + d[:len(d)-1] + "?" + q(), 400, "BAD_REQUEST"},
+		{"upper-case hex", "GET", blobsPath + "sha256:" + strings.ToUpper(good.Digest.Encoded()) + "?" + q(), 400, "BAD_REQUEST"},
+		{"no algorithm", "GET", blobsPath + good.Digest.Encoded() + "?" + q(), 400, "BAD_REQUEST"},
+		{"sha512 unknown blob", "GET", blobsPath + digest.SHA512.FromString("x").String() + "?" + q(), 404, "BLOB_UNKNOWN"},
+		{"missing registry", "GET", blobsPath + d + "?" + q("registry", ""), 400, "BAD_REQUEST"},
+		{"missing hop", "GET", blobsPath + d + "?" + q("hop", ""), 400, "BAD_REQUEST"},
+		{"duplicate offset", "GET", blobsPath + d + "?" + q() + "&offset=0", 400, "BAD_REQUEST"},
+		{"unknown parameter", "GET", blobsPath + d + "?" + q() + "&ns=ghcr.io", 400, "BAD_REQUEST"},
+		{"bad query escape", "GET", blobsPath + d + "?" + q() + "&%zz=1", 400, "BAD_REQUEST"},
+		{"negative offset", "GET", blobsPath + d + "?" + q("offset", "-1"), 400, "BAD_REQUEST"},
+		{"plus sign", "GET", blobsPath + d + "?" + q("offset", "%2B1"), 400, "BAD_REQUEST"},
+		{"leading zero", "GET", blobsPath + d + "?" + q("length", "0100"), 400, "BAD_REQUEST"},
+		{"hex size", "GET", blobsPath + d + "?" + q("size", "0x10"), 400, "BAD_REQUEST"},
+		{"zero length", "GET", blobsPath + d + "?" + q("length", "0"), 400, "BAD_REQUEST"},
+		{"length over the cap", "GET", blobsPath + d + "?" + q("size", "9999999", "length", "1048577"), 400, "BAD_REQUEST"},
+		{"range beyond size", "GET", blobsPath + d + "?" + q("offset", "9950"), 400, "BAD_REQUEST"},
+		{"range overflow", "GET", blobsPath + d + "?" + q("offset", "9223372036854775807", "size", "9223372036854775807"), 400, "BAD_REQUEST"},
+		{"size overflow", "GET", blobsPath + d + "?" + q("size", "99999999999999999999"), 400, "BAD_REQUEST"},
+		{"hop 2", "GET", blobsPath + d + "?" + q("hop", "2"), 400, "BAD_REQUEST"},
+		{"registry with path", "GET", blobsPath + d + "?" + q("registry", "docker.io%2Fx"), 400, "BAD_REQUEST"},
+		{"registry with userinfo", "GET", blobsPath + d + "?" + q("registry", "u%40docker.io"), 400, "BAD_REQUEST"},
+		{"registry port 0", "GET", blobsPath + d + "?" + q("registry", "localhost:0"), 400, "BAD_REQUEST"},
+		{"registry port too big", "GET", blobsPath + d + "?" + q("registry", "localhost:65536"), 400, "BAD_REQUEST"},
+		{"registry hyphen label", "GET", blobsPath + d + "?" + q("registry", "-x.io"), 400, "BAD_REQUEST"},
+		{"registry scheme", "GET", blobsPath + d + "?" + q("registry", "http:%2F%2Fx"), 400, "BAD_REQUEST"},
+		{"registry ipv6 with zone", "GET", blobsPath + d + "?" + q("registry", "%5Bfe80::1%25eth0%5D:5000"), 400, "BAD_REQUEST"},
+		{"registry ipv6", "GET", blobsPath + d + "?" + q("registry", "%5B::1%5D:5000"), 200, ""},
+		{"repo upper case", "GET", blobsPath + d + "?" + q("repo", "Library/nginx"), 400, "BAD_REQUEST"},
+		{"repo dot dot", "GET", blobsPath + d + "?" + q("repo", "library/..%2Fx"), 400, "BAD_REQUEST"},
+		{"repo empty component", "GET", blobsPath + d + "?" + q("repo", "library%2F%2Fnginx"), 400, "BAD_REQUEST"},
+		{"repo too long", "GET", blobsPath + d + "?" + q("repo", strings.Repeat("a", 256)), 400, "BAD_REQUEST"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			before := src.callCount()
+			resp, body, _ := do(t, signed(t, base, tt.method, tt.target, testKey, "node-a", time.Now()))
+			if resp.StatusCode != tt.status {
+				t.Fatalf("status %d, body %q; want %d", resp.StatusCode, body, tt.status)
+			}
+			if tt.code != "" && tt.method != "HEAD" {
+				if code := errorCode(t, body); code != tt.code {
+					t.Fatalf("code %s, want %s", code, tt.code)
+				}
+			}
+			called := src.callCount() != before
+			if tt.status == 400 || tt.status == 405 || tt.code == "NOT_FOUND" {
+				if called {
+					t.Fatal("the source was called for an invalid request")
+				}
+			} else if !called {
+				t.Fatal("the source was not called for a valid request")
+			}
+		})
+	}
+}
+
+func TestPeerAPIStreamsExactlyTheRange(t *testing.T) {
+	blob := testBlob(300_000)
+	for _, tt := range []struct {
+		name      string
+		off, n    int64
+		failAfter int
+		extra     bool
+		srcErr    error
+		status    int // 0: a 200 whose body must fail before its end
+	}{
+		{name: "whole", off: 0, n: 300_000, failAfter: -1, status: 200},
+		{name: "middle", off: 12345, n: 200_000, failAfter: -1, status: 200},
+		{name: "last byte", off: 299_999, n: 1, failAfter: -1, status: 200},
+		{name: "source has more", off: 0, n: 1000, failAfter: -1, extra: true, status: 200},
+		{name: "source fails midway", off: 0, n: 200_000, failAfter: 150_000},
+		{name: "source fails at once", off: 0, n: 200_000, failAfter: 0},
+		{name: "source fails before the last byte", off: 0, n: 200_000, failAfter: 199_999},
+		{name: "not found", off: 0, n: 10, failAfter: -1, srcErr: fmt.Errorf("x: %w", ErrNotFound), status: 404},
+		{name: "unavailable", off: 0, n: 10, failAfter: -1, srcErr: fmt.Errorf("x: %w", ErrUnavailable), status: 503},
+		{name: "rate-limited", off: 0, n: 10, failAfter: -1, srcErr: fmt.Errorf("x: %w", ErrTooManyRequests), status: 429},
+		{name: "other error", off: 0, n: 10, failAfter: -1, srcErr: errors.New("disk on fire"), status: 503},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			src := newBlobSource(blob)
+			src.failAfter, src.extra, src.err = tt.failAfter, tt.extra, tt.srcErr
+			base, sent := peerServer(t, src)
+			resp, body, err := do(t, signed(t, base, "GET", chunkReq(blob, tt.off, tt.n).target(), testKey, "node-a", time.Now()))
+			if tt.status == 0 {
+				if resp.StatusCode != 200 || err == nil {
+					t.Fatalf("status %d, %d bytes, read error %v: want a 200 whose body fails", resp.StatusCode, len(body), err)
+				}
+				if int64(len(body)) >= tt.n {
+					t.Fatalf("got all %d bytes of a failed chunk", len(body))
+				}
+				return
+			}
+			if resp.StatusCode != tt.status {
+				t.Fatalf("status %d, want %d", resp.StatusCode, tt.status)
+			}
+			if tt.status != 200 {
+				return
+			}
+			if err != nil || !bytes.Equal(body, blob[tt.off:tt.off+tt.n]) {
+				t.Fatalf("read %d bytes (err %v), want exactly the %d of the range", len(body), err, tt.n)
+			}
+			if resp.ContentLength != tt.n {
+				t.Fatalf("Content-Length %d, want %d", resp.ContentLength, tt.n)
+			}
+			v, _ := sent.Load("node-a")
+			if v == nil || v.(*atomic.Int64).Load() != tt.n {
+				t.Fatalf("bytes counted out to node-a: %v, want %d", v, tt.n)
+			}
+		})
+	}
+}
+
+func TestPeerAPIHeadSendsNoBody(t *testing.T) {
+	blob := testBlob(5000)
+	base, sent := peerServer(t, newBlobSource(blob))
+	resp, body, err := do(t, signed(t, base, "HEAD", chunkReq(blob, 0, 5000).target(), testKey, "node-a", time.Now()))
+	if err != nil || resp.StatusCode != 200 || resp.ContentLength != 5000 || len(body) != 0 {
+		t.Fatalf("HEAD: status %d, Content-Length %d, %d body bytes, err %v", resp.StatusCode, resp.ContentLength, len(body), err)
+	}
+	if _, ok := sent.Load("node-a"); ok {
+		t.Fatal("HEAD counted bytes out")
+	}
+}

@@ -1,0 +1,213 @@
+package fleet
+
+import (
+	_ "crypto/sha512" // digest.Parse accepts only algorithms linked in (sha256 is, through auth.go)
+	"fmt"
+	"net"
+	"net/url"
+	"regexp"
+	"strconv"
+	"strings"
+
+	"github.com/opencontainers/go-digest"
+)
+
+// ChunkRequest names a byte range of a blob and where the blob comes from.
+type ChunkRequest struct {
+	// Registry is the registry as clients name it (host[:port]); Repo the repository in
+	// it. The owner fetches from upstream with the credentials and scope they select.
+	Registry, Repo string
+	Digest         digest.Digest
+	Size           int64 // of the whole blob
+	Offset, Length int64
+	// Hop is 0 when asked by the node that needs the chunk and 1 when asked by an owner
+	// that lacks it; a source must not forward a hop-1 request to another member.
+	Hop int
+}
+
+// DefaultMaxChunkSize bounds Length: a request costs its receiver at most this much
+// upstream traffic and disk.
+const DefaultMaxChunkSize = 64 << 20
+
+const blobsPath = "/peer/v1/blobs/"
+
+// target is the request path and query for r, as the client sends and signs it.
+func (r ChunkRequest) target() string {
+	q := url.Values{}
+	q.Set("registry", r.Registry)
+	q.Set("repo", r.Repo)
+	q.Set("size", strconv.FormatInt(r.Size, 10))
+	q.Set("offset", strconv.FormatInt(r.Offset, 10))
+	q.Set("length", strconv.FormatInt(r.Length, 10))
+	q.Set("hop", strconv.Itoa(r.Hop))
+	return blobsPath + string(r.Digest) + "?" + q.Encode()
+}
+
+// Repository path components per the distribution spec's name grammar.
+var componentRe = regexp.MustCompile(`^[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*$`)
+
+const maxRepoLen = 255
+
+// validate checks every field against what a member could legitimately ask, so that the
+// source never sees a request that no member would send.
+func (r ChunkRequest) validate(maxChunk int64) error {
+	if err := validDigest(r.Digest); err != nil {
+		return err
+	}
+	if err := validRegistry(r.Registry); err != nil {
+		return err
+	}
+	if err := validRepo(r.Repo); err != nil {
+		return err
+	}
+	switch {
+	case r.Size < 0 || r.Offset < 0:
+		return fmt.Errorf("negative size or offset")
+	case r.Length < 1 || r.Length > maxChunk:
+		return fmt.Errorf("length %d out of range [1, %d]", r.Length, maxChunk)
+	case r.Offset > r.Size-r.Length: // offset+length <= size without overflow
+		return fmt.Errorf("range %d+%d beyond the blob's %d bytes", r.Offset, r.Length, r.Size)
+	case r.Hop != 0 && r.Hop != 1:
+		return fmt.Errorf("hop %d: want 0 or 1", r.Hop)
+	}
+	return nil
+}
+
+func validDigest(d digest.Digest) error {
+	// Parse checks the algorithm's hex length and alphabet.
+	p, err := digest.Parse(string(d))
+	if err != nil {
+		return fmt.Errorf("digest: %w", err)
+	}
+	if a := p.Algorithm(); a != digest.SHA256 && a != digest.SHA512 {
+		return fmt.Errorf("digest algorithm %s not supported", a)
+	}
+	return nil
+}
+
+func validRepo(repo string) error {
+	if repo == "" || len(repo) > maxRepoLen {
+		return fmt.Errorf("repository name length %d out of range", len(repo))
+	}
+	for c := range strings.SplitSeq(repo, "/") {
+		if !componentRe.MatchString(c) {
+			return fmt.Errorf("invalid repository name")
+		}
+	}
+	return nil
+}
+
+// validRegistry accepts host[:port] where host is a DNS name, an IPv4 address or a
+// bracketed IPv6 address. Whether the registry is configured is the source's business.
+func validRegistry(reg string) error {
+	if reg == "" || len(reg) > 255 {
+		return fmt.Errorf("registry name length %d out of range", len(reg))
+	}
+	host := reg
+	if strings.HasPrefix(reg, "[") || strings.Count(reg, ":") == 1 {
+		h, port, err := net.SplitHostPort(reg)
+		if err != nil {
+			return fmt.Errorf("invalid registry %q", reg)
+		}
+		if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 || strconv.Itoa(n) != port {
+			return fmt.Errorf("invalid registry port")
+		}
+		if strings.HasPrefix(reg, "[") {
+			if ip := net.ParseIP(h); ip == nil || ip.To4() != nil || strings.Contains(h, "%") {
+				return fmt.Errorf("invalid registry address")
+			}
+			return nil
+		}
+		host = h
+	}
+	if !validHostname(host) {
+		return fmt.Errorf("invalid registry host")
+	}
+	return nil
+}
+
+// validHostname: dot-separated labels of letters, digits and inner hyphens, 1-63 bytes
+// each (IPv4 literals pass as such labels).
+func validHostname(h string) bool {
+	if h == "" || len(h) > 253 {
+		return false
+	}
+	for l := range strings.SplitSeq(h, ".") {
+		if l == "" || len(l) > 63 || l[0] == '-' || l[len(l)-1] == '-' {
+			return false
+		}
+		for i := 0; i < len(l); i++ {
+			c := l[i]
+			if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '-') {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+// parseChunkRequest reads a request from the path (after blobsPath) and the raw query.
+// Every parameter is required exactly once and nothing else is accepted.
+func parseChunkRequest(dgst, rawQuery string, maxChunk int64) (ChunkRequest, error) {
+	q, err := url.ParseQuery(rawQuery)
+	if err != nil {
+		return ChunkRequest{}, fmt.Errorf("query: %w", err)
+	}
+	want := []string{"registry", "repo", "size", "offset", "length", "hop"}
+	if len(q) != len(want) {
+		return ChunkRequest{}, fmt.Errorf("want exactly the parameters %s", strings.Join(want, ", "))
+	}
+	get := func(k string) (string, error) {
+		v := q[k]
+		if len(v) != 1 {
+			return "", fmt.Errorf("parameter %s: want exactly one", k)
+		}
+		return v[0], nil
+	}
+	var r ChunkRequest
+	r.Digest = digest.Digest(dgst)
+	if r.Registry, err = get("registry"); err != nil {
+		return r, err
+	}
+	if r.Repo, err = get("repo"); err != nil {
+		return r, err
+	}
+	for _, p := range []struct {
+		name string
+		dst  *int64
+	}{{"size", &r.Size}, {"offset", &r.Offset}, {"length", &r.Length}} {
+		s, err := get(p.name)
+		if err != nil {
+			return r, err
+		}
+		if *p.dst, err = parseCount(s); err != nil {
+			return r, fmt.Errorf("parameter %s: %w", p.name, err)
+		}
+	}
+	hop, err := get("hop")
+	if err != nil {
+		return r, err
+	}
+	switch hop {
+	case "0":
+	case "1":
+		r.Hop = 1
+	default:
+		return r, fmt.Errorf("parameter hop: want 0 or 1")
+	}
+	return r, r.validate(maxChunk)
+}
+
+// parseCount accepts only plain decimal digits: no sign, no spaces, no leading zeros
+// (one request, one spelling).
+func parseCount(s string) (int64, error) {
+	if s == "" || len(s) > 19 || (len(s) > 1 && s[0] == '0') {
+		return 0, fmt.Errorf("not a count")
+	}
+	for i := 0; i < len(s); i++ {
+		if s[i] < '0' || s[i] > '9' {
+			return 0, fmt.Errorf("not a count")
+		}
+	}
+	return strconv.ParseInt(s, 10, 64)
+}
