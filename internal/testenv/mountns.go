@@ -82,7 +82,9 @@ func NewMountNS(t testing.TB, mounts ...Mount) *MountNS {
 		if fi, err := os.Stat(m.Target); err != nil || !fi.IsDir() {
 			t.Fatalf("mount target %s must be a directory on the host: %v", m.Target, err)
 		}
-		if out, err := n.run(MountBin, "--bind", m.Source, m.Target); err != nil {
+		// --no-mtab: libmount would otherwise create /run/mount, on the host's /run until
+		// a private one is mounted.
+		if out, err := n.run(MountBin, "--no-mtab", "--bind", m.Source, m.Target); err != nil {
 			t.Fatalf("bind %s over %s in the namespace: %v\n%s", m.Source, m.Target, err, out)
 		}
 	}
