@@ -7,6 +7,10 @@ FUZZTIME ?= 10s
 # containerd 2.x for the real-engine tier (Debian ships 1.6), built once from its Go module.
 CONTAINERD2_VERSION := v2.4.2
 CONTAINERD2_DIR     := $(CURDIR)/.cache/containerd2-$(CONTAINERD2_VERSION)
+# crictl drives containerd's CRI in the real-engine tier (Debian has no package), built once.
+# internal/testenv's CrictlVersion names the same version, for runs outside make.
+CRICTL_VERSION := v1.37.0
+CRICTL_DIR     := $(CURDIR)/.cache/crictl-$(CRICTL_VERSION)
 # Every fuzz target, as package:Target; `make fuzz` runs each for FUZZTIME.
 FUZZ_TARGETS := ./pkg/mirror:FuzzParseRoute ./pkg/hosts:FuzzMergeHostsTOML ./pkg/hosts:FuzzSetConfigPath \
                 ./pkg/hosts:FuzzMergeDaemonJSON ./pkg/hosts:FuzzDropIn
@@ -21,7 +25,7 @@ DESTDIR  ?=
 UNITDIR  ?= /etc/systemd/system
 CONFDIR  ?= /etc/node-mirror
 
-.PHONY: containerd2 all build build-race run test unit e2e conformance fuzz soak vet clean bench install service-check
+.PHONY: containerd2 crictl all build build-race run test unit e2e conformance fuzz soak vet clean bench install service-check
 
 all: build
 
@@ -52,8 +56,16 @@ $(CONTAINERD2_DIR)/containerd $(CONTAINERD2_DIR)/ctr:
 
 containerd2: $(CONTAINERD2_DIR)/containerd $(CONTAINERD2_DIR)/ctr
 
-e2e: build-race containerd2
-	CONTAINERD2_DIR=$(CONTAINERD2_DIR) NODE_MIRROR_BIN=$(CURDIR)/$(RACE_BIN) $(GO) test -count=1 -timeout 20m ./test/e2e/... ./test/daemon/...
+$(CRICTL_DIR)/crictl:
+	GOBIN=$(CRICTL_DIR) $(GO) install sigs.k8s.io/cri-tools/cmd/crictl@$(CRICTL_VERSION)
+
+crictl: $(CRICTL_DIR)/crictl
+
+# Real engines, as root: containerd 1.6 and 2.4 (ctr and CRI through crictl), skopeo,
+# Docker and Podman from Debian, each pulling through the daemon.
+e2e: build-race containerd2 crictl
+	CONTAINERD2_DIR=$(CONTAINERD2_DIR) CRICTL_BIN=$(CRICTL_DIR)/crictl NODE_MIRROR_BIN=$(CURDIR)/$(RACE_BIN) \
+	  $(GO) test -count=1 -timeout 20m ./test/e2e/... ./test/daemon/...
 
 conformance: build-race
 	NODE_MIRROR_BIN=$(CURDIR)/$(RACE_BIN) $(GO) test -count=1 -timeout 10m ./test/conformance/...
