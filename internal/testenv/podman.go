@@ -18,7 +18,7 @@ const PodmanBin = "/usr/bin/podman"
 // (--root, --runroot, the vfs driver) and the scratch root's etc/containers mounted over
 // /etc/containers, so registries.conf.d holds the drop-in `node-mirror install --root`
 // wrote. podman writes below /var/lib/containers, /run and /var/tmp whatever --root says:
-// those are directories below Dir in the namespace.
+// those are directories below Dir in the namespace, and so are its network configs.
 type Podman struct {
 	Dir string
 
@@ -34,7 +34,7 @@ func NewPodman(t testing.TB, etcContainers string) *Podman {
 		t.Fatalf("%s is missing (%v): install Debian's podman with `apt-get install -y podman`", PodmanBin, err)
 	}
 	dir := shortTempDir(t, "podman-")
-	for _, d := range []string{"root", "runroot", "run", "varlib", "vartmp", "home"} {
+	for _, d := range []string{"root", "runroot", "run", "varlib", "vartmp", "home", "networks"} {
 		if err := os.Mkdir(filepath.Join(dir, d), 0o700); err != nil {
 			t.Fatal(err)
 		}
@@ -59,6 +59,9 @@ func (p *Podman) Podman(args ...string) (string, error) {
 		"--storage-driver", "vfs",
 		"--cgroup-manager", "cgroupfs",
 		"--events-backend", "none",
+		// netavark writes its network configs to /etc/containers/networks, CNI its
+		// default network to /etc/cni/net.d: neither belongs to what install wrote.
+		"--network-config-dir", filepath.Join(p.Dir, "networks"),
 	}, args...)
 	cmd := p.ns.Command(ctx, PodmanBin, full...)
 	// A home of its own: containers/image prefers ~/.config/containers/registries.conf
