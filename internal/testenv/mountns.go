@@ -93,11 +93,12 @@ func NewMountNS(t testing.TB, mounts ...Mount) *MountNS {
 
 // Command is name with args to be run inside the namespace (nsenter execs it, so the
 // process is the command itself). It runs in a process group of its own, so that stopping
-// it never reaches the test.
+// it never reaches the test, and it is killed if the test process dies without cleaning
+// up (a -timeout panic): dockerd takes its containerd along, and the holder goes too.
 func (n *MountNS) Command(ctx context.Context, name string, args ...string) *exec.Cmd {
 	full := append([]string{"--target", strconv.Itoa(n.holder.Process.Pid), "--mount", "--", name}, args...)
 	cmd := exec.CommandContext(ctx, NsenterBin, full...)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	// A command that outlives its context is killed with its group, not only its pid.
 	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
 	cmd.WaitDelay = 10 * time.Second
