@@ -92,7 +92,12 @@ func TestCRIPullsThroughInstalledMirror(t *testing.T) {
 			}
 			for _, p := range pulls {
 				w := watchPull(t, m, up)
-				c.MustCrictl("pull", p.ref)
+				if out, err := c.Crictl("pull", p.ref); err != nil {
+					// With no internet, a pull that went to registry-1.docker.io means CRI
+					// did not read the hosts.toml install wrote.
+					t.Fatalf("%v\n%s\nthe mirror answered %v requests: if CRI went to registry-1.docker.io, it did not use %s",
+						err, out, w.delta(t, "node_mirror_requests_total"), h.Path("etc/containerd/certs.d/docker.io/hosts.toml"))
+				}
 				criRequireImage(t, c, p.ref, p.digest, append(p.manifests, p.blobs...))
 				w.RequireCold(t, tc.name+" crictl pull "+p.ref, p.manifests, p.blobs)
 			}
