@@ -7,10 +7,14 @@ FUZZTIME ?= 10s
 # containerd 2.x for the real-engine tier (Debian ships 1.6), built once from its Go module.
 CONTAINERD2_VERSION := v2.4.2
 CONTAINERD2_DIR     := $(CURDIR)/.cache/containerd2-$(CONTAINERD2_VERSION)
+# crictl drives containerd's CRI in the real-engine tier (Debian has no package), built once.
+# internal/testenv's CrictlVersion names the same version, for runs outside make.
+CRICTL_VERSION := v1.37.0
+CRICTL_DIR     := $(CURDIR)/.cache/crictl-$(CRICTL_VERSION)
 # Every fuzz target, as package:Target; `make fuzz` runs each for FUZZTIME.
 FUZZ_TARGETS := ./pkg/mirror:FuzzParseRoute ./pkg/hosts:FuzzMergeHostsTOML ./pkg/hosts:FuzzSetConfigPath \
                 ./pkg/hosts:FuzzMergeDaemonJSON ./pkg/hosts:FuzzDropIn ./pkg/hosts:FuzzRegistryName \
-                ./pkg/upstream/netguard:FuzzPolicy
+                ./pkg/upstream/netguard:FuzzPolicy ./pkg/fleet:FuzzParseChunkRequest
 DATA_DIR ?= $(CURDIR)/data
 LISTEN   ?= 127.0.0.1:5000
 PKGS     := ./...
@@ -22,7 +26,7 @@ DESTDIR  ?=
 UNITDIR  ?= /etc/systemd/system
 CONFDIR  ?= /etc/node-mirror
 
-.PHONY: containerd2 all build build-race run test unit e2e conformance fuzz soak vet clean bench install service-check
+.PHONY: containerd2 crictl all build build-race run test unit e2e conformance fuzz soak vet clean bench install service-check
 
 all: build
 
@@ -53,9 +57,17 @@ $(CONTAINERD2_DIR)/containerd $(CONTAINERD2_DIR)/ctr:
 
 containerd2: $(CONTAINERD2_DIR)/containerd $(CONTAINERD2_DIR)/ctr
 
-# The memory test in test/daemon measures a build without the race detector (NODE_MIRROR_PLAIN_BIN).
-e2e: build build-race containerd2
-	CONTAINERD2_DIR=$(CONTAINERD2_DIR) NODE_MIRROR_BIN=$(CURDIR)/$(RACE_BIN) NODE_MIRROR_PLAIN_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 -timeout 20m ./test/e2e/... ./test/daemon/...
+$(CRICTL_DIR)/crictl:
+	GOBIN=$(CRICTL_DIR) $(GO) install sigs.k8s.io/cri-tools/cmd/crictl@$(CRICTL_VERSION)
+
+crictl: $(CRICTL_DIR)/crictl
+
+# Real engines, as root: containerd 1.6 and 2.4 (ctr and CRI through crictl), skopeo,
+# Docker and Podman from Debian, each pulling through the daemon. The memory test in
+# test/daemon measures a build without the race detector (NODE_MIRROR_PLAIN_BIN).
+e2e: build build-race containerd2 crictl
+	CONTAINERD2_DIR=$(CONTAINERD2_DIR) CRICTL_BIN=$(CRICTL_DIR)/crictl NODE_MIRROR_BIN=$(CURDIR)/$(RACE_BIN) \
+	  NODE_MIRROR_PLAIN_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 -timeout 20m ./test/e2e/... ./test/daemon/...
 
 # Both versions of the OCI conformance suite, the current one and the 2023 one (built from
 # the module proxy outside our go.mod), cold, warm and through the path prefix.

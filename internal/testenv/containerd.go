@@ -43,17 +43,39 @@ const Containerd2Env = "CONTAINERD2_DIR"
 // them, when containerd or ctr are missing; it needs root.
 func StartContainerd(t testing.TB) *Containerd {
 	t.Helper()
+	bin, ctr := Containerd16Bins(t)
+	return startContainerd(t, bin, ctr, "")
+}
+
+// Containerd16Bins are Debian's containerd and ctr; the test fails, with the command that
+// installs them, when they are missing.
+func Containerd16Bins(t testing.TB) (containerd, ctr string) {
+	t.Helper()
 	for _, bin := range []string{ContainerdBin, CtrBin} {
 		if _, err := os.Stat(bin); err != nil {
 			t.Fatalf("%s is missing (%v): install Debian's containerd with `apt-get install -y containerd`", bin, err)
 		}
 	}
-	return startContainerd(t, ContainerdBin, CtrBin, "")
+	return ContainerdBin, CtrBin
 }
 
 // StartContainerd2 is StartContainerd with containerd 2.x from $CONTAINERD2_DIR: the
 // version new nodes run, whose transfer service reads the hosts dir inside the daemon.
 func StartContainerd2(t testing.TB) *Containerd {
+	t.Helper()
+	bin, ctr := Containerd2Bins(t)
+	// The transfer service unpacks only where configured; the native snapshotter needs no
+	// kernel support, so pulls unpack here as they would on a node.
+	return startContainerd(t, bin, ctr, `
+[[plugins."io.containerd.transfer.v1.local".unpack_config]]
+  platform = "linux/amd64"
+  snapshotter = "native"
+`)
+}
+
+// Containerd2Bins are containerd 2.x's containerd and ctr from $CONTAINERD2_DIR; the test
+// fails, with the command that builds them, when they are missing.
+func Containerd2Bins(t testing.TB) (containerd, ctr string) {
 	t.Helper()
 	dir := os.Getenv(Containerd2Env)
 	if dir == "" {
@@ -65,13 +87,7 @@ func StartContainerd2(t testing.TB) *Containerd {
 			t.Fatalf("%s is missing (%v): run `make containerd2`", b, err)
 		}
 	}
-	// The transfer service unpacks only where configured; the native snapshotter needs no
-	// kernel support, so pulls unpack here as they would on a node.
-	return startContainerd(t, bin, ctr, `
-[[plugins."io.containerd.transfer.v1.local".unpack_config]]
-  platform = "linux/amd64"
-  snapshotter = "native"
-`)
+	return bin, ctr
 }
 
 func startContainerd(t testing.TB, bin, ctr, extra string) *Containerd {

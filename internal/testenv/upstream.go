@@ -42,6 +42,8 @@ type Request struct {
 	Path   string
 	Query  string
 	Status int // 0 while the handler still runs
+	// UserAgent tells who asked: the mirror, or an engine that bypassed it.
+	UserAgent string
 }
 
 // Upstream is a registry (go-containerregistry's pkg/registry) on a loopback port that keeps
@@ -155,7 +157,7 @@ func (u *Upstream) serve(w http.ResponseWriter, r *http.Request) {
 	}
 	u.mu.Lock()
 	i := len(u.reqs)
-	u.reqs = append(u.reqs, Request{Method: r.Method, Path: r.URL.Path, Query: r.URL.RawQuery})
+	u.reqs = append(u.reqs, Request{Method: r.Method, Path: r.URL.Path, Query: r.URL.RawQuery, UserAgent: r.UserAgent()})
 	u.mu.Unlock()
 	sw := &statusWriter{ResponseWriter: w}
 	u.handler.ServeHTTP(sw, r)
