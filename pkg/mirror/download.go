@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"os"
 	"sync"
 	"time"
 
@@ -43,8 +42,10 @@ type download struct {
 	asked   bool          // a client asked for it (not only eager fetching)
 	store   *contentstore.Store
 	// A ranged fetch's parts past the first response, in blob order; nil for one stream.
-	chunks []*chunk
-	conns  int // upstream connections the download holds now
+	// The download holds chunks[assembled:]; those before are in the ingest.
+	chunks    []*chunk
+	assembled int
+	conns     int // upstream connections the download holds now
 }
 
 // joinDownload returns the download of rt.digest, starting it if none runs, with a
@@ -96,6 +97,14 @@ func (m *Mirror) runDownload(d *download, rt route) {
 	d.finish(err)
 	d.release()
 	m.opts.Metrics.DownloadDone()
+	if errors.Is(err, errPeersWrong) && m.ctx.Err() == nil {
+		// The clients of this download were cut; fetch the blob again, from upstream alone,
+		// so that their retries find it, and so that the members who lied are found out.
+		m.log.Warn("blob from members failed verification, fetching it from upstream", "registry", rt.registry, "digest", d.dgst)
+		if again := m.joinDownload(rt, true); again != nil {
+			again.release()
+		}
+	}
 }
 
 func (m *Mirror) fetchBlob(d *download, rt route) error {
@@ -108,6 +117,9 @@ func (m *Mirror) fetchBlob(d *download, rt route) error {
 			close(d.ready)
 		}
 		return err
+	}
+	if size, ok := m.fleetFetchable(ctx, rt, d.dgst); ok {
+		return m.fetchBlobFleet(ctx, d, rt, size, start)
 	}
 	in, resp, err := m.openBlob(ctx, rt, d.dgst)
 	if err != nil {
@@ -147,6 +159,13 @@ func (m *Mirror) fetchBlob(d *download, rt route) error {
 	} else {
 		err = m.fetchStream(ctx, d, rt, resp)
 	}
+	return m.commit(ctx, d, rt, err)
+}
+
+// commit ends a download whose bytes are all in the ingest (err nil) or that failed: it
+// verifies and commits the blob, or discards the ingest.
+func (m *Mirror) commit(ctx context.Context, d *download, rt route, err error) error {
+	in := d.ingest
 	if err != nil {
 		in.Abort()
 		return err
@@ -154,9 +173,9 @@ func (m *Mirror) fetchBlob(d *download, rt route) error {
 	d.mu.Lock()
 	written := d.written
 	d.mu.Unlock()
-	if size >= 0 && written != size {
+	if d.size >= 0 && written != d.size {
 		in.Abort()
-		return fmt.Errorf("blob %s: upstream sent %d of %d bytes: %w", d.dgst, written, size, errContentMismatch)
+		return fmt.Errorf("blob %s: upstream sent %d of %d bytes: %w", d.dgst, written, d.size, errContentMismatch)
 	}
 	if err := in.Commit(ctx, written); err != nil {
 		if errdefs.IsFailedPrecondition(err) {
@@ -170,8 +189,60 @@ func (m *Mirror) fetchBlob(d *download, rt route) error {
 		// The blob is committed and verified; only its metadata is missing.
 		m.log.Warn("recording blob metadata", "digest", d.dgst, "err", err)
 	}
+	if m.opts.Fleet != nil {
+		m.judgePeers(d.dgst)
+	}
 	return nil
 }
+
+// fetchBlobFleet is fetchBlob for a blob that goes through the fleet.
+func (m *Mirror) fetchBlobFleet(ctx context.Context, d *download, rt route, size int64, start func(error) error) error {
+	in, err := m.store.NewIngest(ctx, d.dgst, size)
+	if errdefs.IsAlreadyExists(err) {
+		return start(errCommitted)
+	}
+	if err != nil {
+		if isDiskFull(err) {
+			err = fmt.Errorf("%w: %w", errNoSpace, err)
+		}
+		return start(err)
+	}
+	if in.Offset > size {
+		if in, err = m.restartIngest(ctx, in); err != nil {
+			return start(err)
+		}
+	}
+	res, err := m.store.Reserve(ctx, size)
+	if err != nil {
+		in.Abort()
+		in.Close()
+		return start(fmt.Errorf("%w: %w", errNoRoom, err))
+	}
+	d.res = res
+	defer res.Release()
+	res.Wrote(in.Offset)
+	d.size, d.ingest = size, in
+	d.mu.Lock()
+	d.written = in.Offset
+	d.mu.Unlock()
+	start(nil)
+
+	chunks := (size + m.opts.FetchChunkSize - 1) / m.opts.FetchChunkSize
+	err = m.commit(ctx, d, rt, m.fetchFleet(ctx, d, rt))
+	switch {
+	case err == nil:
+		m.chunks.drop(d.dgst, chunks) // the store serves members from now on
+	case errors.Is(err, errContentMismatch) && m.suspectPeers(d):
+		err = fmt.Errorf("%w: %w", errPeersWrong, err)
+	default:
+		m.chunks.expire(d.dgst, chunks) // what arrived still serves members for a while
+	}
+	return err
+}
+
+// errPeersWrong: a blob with bytes from members failed verification; it is fetched again
+// from upstream alone.
+var errPeersWrong = errors.New("bytes from members failed verification")
 
 // fetchStream copies one upstream body into the ingest: the whole blob (or the rest of a
 // resumed one) on one connection.
@@ -221,18 +292,23 @@ func (d *download) appendIngest(p []byte) error {
 	return nil
 }
 
-// holdConn counts an upstream connection of the download, for status and metrics.
+// holdConn counts an upstream connection, against the download d if there is one, for
+// status and metrics.
 func (m *Mirror) holdConn(d *download, registry string) (release func()) {
-	d.mu.Lock()
-	d.conns++
-	d.mu.Unlock()
+	if d != nil {
+		d.mu.Lock()
+		d.conns++
+		d.mu.Unlock()
+	}
 	m.opts.Metrics.UpstreamConnections(registry, 1)
 	var once sync.Once
 	return func() {
 		once.Do(func() {
-			d.mu.Lock()
-			d.conns--
-			d.mu.Unlock()
+			if d != nil {
+				d.mu.Lock()
+				d.conns--
+				d.mu.Unlock()
+			}
 			m.opts.Metrics.UpstreamConnections(registry, -1)
 		})
 	}
@@ -419,7 +495,7 @@ func (d *download) release() {
 	if d.ingest != nil {
 		d.ingest.Close()
 	}
-	d.closeChunks()
+	d.releaseChunks()
 	d.store.Unpin(d.dgst)
 }
 
@@ -446,13 +522,18 @@ func (d *download) availableLocked(off int64) int64 {
 	if off < d.written {
 		return d.written
 	}
-	if c := d.chunkAtLocked(off); c != nil && c.file != nil && off < c.start+c.have {
-		return c.start + c.have
+	if c := d.chunkAtLocked(off); c != nil {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		if c.file != nil && off < c.start+c.have {
+			return c.start + c.have
+		}
 	}
 	return off
 }
 
-// readAt reads downloaded bytes at off, up to limit, which availableLocked said are there.
+// readAt reads downloaded bytes at off that availableLocked said are there; 0 bytes and no
+// error means they moved (into the ingest) and the caller should look again.
 func (d *download) readAt(p []byte, off int64) (int, error) {
 	d.mu.Lock()
 	if off < d.written {
@@ -460,19 +541,21 @@ func (d *download) readAt(p []byte, off int64) (int, error) {
 		return d.ingest.ReaderAt().ReadAt(p, off)
 	}
 	c := d.chunkAtLocked(off)
-	if c == nil || c.file == nil || off >= c.start+c.have {
-		d.mu.Unlock()
+	d.mu.Unlock()
+	if c == nil {
+		return 0, nil
+	}
+	c.mu.Lock()
+	if c.file == nil || off >= c.start+c.have {
+		c.mu.Unlock()
 		return 0, nil
 	}
 	p = p[:min(int64(len(p)), c.start+c.have-off)]
-	c.readers++ // keeps the file open while we read it
+	c.users++ // keeps the file open while we read it
 	f := c.file
-	d.mu.Unlock()
+	c.mu.Unlock()
+	defer c.release()
 	n, err := f.ReadAt(p, off-c.start)
-	d.mu.Lock()
-	c.readers--
-	c.closeIfDoneLocked()
-	d.mu.Unlock()
 	if err == io.EOF && n == len(p) {
 		err = nil
 	}
@@ -487,10 +570,12 @@ func (d *download) progress() DownloadProgress {
 		Digest: d.dgst.String(), Registry: d.registry, Repo: d.repo, Size: d.size,
 		Stored: d.written, Received: d.written, Connections: d.conns, Since: d.started,
 	}
-	for _, c := range d.chunks {
-		if !c.assembled {
-			p.Received += min(c.have, c.end-c.start)
+	for _, c := range d.chunks[d.assembled:] {
+		c.mu.Lock()
+		if got := c.start + c.have - max(c.start, d.written); got > 0 {
+			p.Received += got
 		}
+		c.mu.Unlock()
 	}
 	return p
 }
@@ -506,18 +591,4 @@ type DownloadProgress struct {
 	Received    int64     `json:"received"`
 	Connections int       `json:"connections"`
 	Since       time.Time `json:"since"`
-}
-
-// anonymousFile is a file in dir with no name: its blocks are freed when it is closed or
-// the process dies, so a crash leaves nothing behind.
-func anonymousFile(dir string) (*os.File, error) {
-	f, err := os.CreateTemp(dir, "chunk-")
-	if err != nil {
-		return nil, err
-	}
-	if err := os.Remove(f.Name()); err != nil {
-		f.Close()
-		return nil, err
-	}
-	return f, nil
 }

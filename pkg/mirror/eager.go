@@ -19,6 +19,7 @@ type eagerJob struct {
 // starting them all now shortens a cold pull; each goes through the one download per
 // digest, so a request arriving later joins it.
 func (m *Mirror) eagerFrom(rt route, mf *manifest) {
+	m.noteSizes(mf.body, mf.mediaType)
 	if m.eager == nil {
 		return
 	}
@@ -138,4 +139,19 @@ func (m *Mirror) takeEager(dgst digest.Digest) bool {
 		}
 	}
 	return false
+}
+
+// descriptorsOf lists the config and layers an image manifest names.
+func descriptorsOf(body []byte) []ocispec.Descriptor {
+	var doc struct {
+		Config *ocispec.Descriptor  `json:"config"`
+		Layers []ocispec.Descriptor `json:"layers"`
+	}
+	if json.Unmarshal(body, &doc) != nil {
+		return nil
+	}
+	if doc.Config != nil {
+		return append(doc.Layers, *doc.Config)
+	}
+	return doc.Layers
 }

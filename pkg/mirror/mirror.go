@@ -20,6 +20,7 @@ import (
 	"golang.org/x/sync/singleflight"
 
 	"github.com/node-mirror/node-mirror/pkg/contentstore"
+	"github.com/node-mirror/node-mirror/pkg/fleet"
 	"github.com/node-mirror/node-mirror/pkg/metrics"
 	"github.com/node-mirror/node-mirror/pkg/upstream"
 )
@@ -52,6 +53,9 @@ type Options struct {
 	// UpstreamConnections caps, per registry, the connections ranged fetches add beyond
 	// each download's first. Default DefaultUpstreamConnections.
 	UpstreamConnections int
+	// Fleet, when set, makes this node one of a cluster's mirrors: blobs go through the
+	// owners of their chunks (FetchChunkSize must be the same on every member).
+	Fleet *fleet.Fleet
 	// Platform selects the image of an index that eager fetching follows; default: this
 	// node's platform.
 	Platform string
@@ -83,10 +87,13 @@ type Mirror struct {
 	downloads map[string]*download     // blob digest -> the one download in flight
 	conns     map[string]chan struct{} // registry -> connection slots for ranged fetches
 	rangeless map[string]time.Time     // registry -> until when it is fetched from as one stream
-	checked   map[string]time.Time     // tag key -> last successful revalidation
-	lists     listCache                // tags/list and referrers answers
-	listSlots chan struct{}            // list fetches in flight (each holds its body in memory)
-	eagerDone map[digest.Digest]bool   // fetched ahead of the engine, not yet served
+	sizes     map[digest.Digest]int64  // blob sizes named by manifests served (fleet)
+	suspects  map[digest.Digest]*suspicion
+	chunks    chunkTable             // the fleet's chunks this node has or fetches
+	checked   map[string]time.Time   // tag key -> last successful revalidation
+	lists     listCache              // tags/list and referrers answers
+	listSlots chan struct{}          // list fetches in flight (each holds its body in memory)
+	eagerDone map[digest.Digest]bool // fetched ahead of the engine, not yet served
 
 	// tagWaitHook, set by tests only, runs when a tag request has joined its revalidation.
 	tagWaitHook func()
@@ -125,6 +132,9 @@ func New(opts Options) (*Mirror, error) {
 		downloads: map[string]*download{},
 		conns:     map[string]chan struct{}{},
 		rangeless: map[string]time.Time{},
+		sizes:     map[digest.Digest]int64{},
+		suspects:  map[digest.Digest]*suspicion{},
+		chunks:    chunkTable{entries: map[chunkKey]*tableEntry{}},
 		checked:   map[string]time.Time{},
 		listSlots: make(chan struct{}, maxListFetches),
 		eagerDone: map[digest.Digest]bool{},
@@ -150,6 +160,10 @@ func New(opts Options) (*Mirror, error) {
 			m.wg.Add(1)
 			go m.eagerWorker()
 		}
+	}
+	if opts.Fleet != nil {
+		m.wg.Add(1)
+		go m.janitorFleet()
 	}
 	return m, nil
 }

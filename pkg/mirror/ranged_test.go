@@ -44,6 +44,10 @@ func (rb *rangedBlob) digest() digest.Digest { return digest.FromBytes(rb.blob) 
 // install makes up answer the blob's path.
 func (rb *rangedBlob) install(up *fakeUpstream) {
 	up.setHook(func(w http.ResponseWriter, r *http.Request) bool {
+		if r.URL.Path == rb.path && r.Method == http.MethodHead {
+			w.Header().Set("Content-Length", strconv.Itoa(len(rb.blob)))
+			return true
+		}
 		if r.URL.Path != rb.path || r.Method != http.MethodGet {
 			return false
 		}

@@ -1,0 +1,347 @@
+package mirror
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/opencontainers/go-digest"
+
+	"github.com/node-mirror/node-mirror/pkg/contentstore"
+	"github.com/node-mirror/node-mirror/pkg/fleet"
+	"github.com/node-mirror/node-mirror/pkg/upstream"
+)
+
+// member is one node of an in-process fleet: a mirror, its fleet membership and its peer
+// API, all on loopback.
+type member struct {
+	*testMirror
+	fleet    *fleet.Fleet
+	peerAddr string
+	peerLn   net.Listener
+}
+
+const testChunk = 256 << 10
+
+// startMember starts a mirror of up in a fleet with key, joining join (gossip addresses).
+// advertise, when set, wraps the peer address the others are told (a lying proxy).
+func startMember(t *testing.T, name string, up *fakeUpstream, key []byte, join []string, advertise func(real string) string) *member {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	adv := ln.Addr().String()
+	if advertise != nil {
+		adv = advertise(adv)
+	}
+	f, err := fleet.Start(context.Background(), fleet.Config{
+		NodeName: name, GossipListen: "127.0.0.1:0", PeerAdvertise: adv, Join: join, Key: key,
+		Logger: nopLogger(), DialTimeout: time.Second, HeaderTimeout: 10 * time.Second, IdleTimeout: 10 * time.Second,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	store, err := contentstore.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	uo := testClient
+	uo.Logger = nopLogger()
+	c, err := upstream.New("docker.io", []string{up.srv.URL}, "", "", uo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := New(Options{
+		Store: store, Registries: map[string]*upstream.Client{"docker.io": c}, DefaultRegistry: "docker.io",
+		Logger: testLogger(), Fleet: f, FetchChunkSize: testChunk, EagerFetch: -1,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	go f.Serve(ln, m)
+	srv := httptest.NewServer(m)
+	mb := &member{testMirror: &testMirror{Mirror: m, srv: srv, store: store}, fleet: f, peerAddr: ln.Addr().String(), peerLn: ln}
+	t.Cleanup(func() {
+		srv.Close()
+		f.Close()
+		m.Close()
+		store.Close()
+	})
+	return mb
+}
+
+// waitMembers waits until every member sees n live members.
+func waitMembers(t *testing.T, n int, ms ...*member) {
+	t.Helper()
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		ok := true
+		for _, m := range ms {
+			live := 0
+			for _, x := range m.fleet.Members() {
+				if x.State == fleet.StateAlive {
+					live++
+				}
+			}
+			ok = ok && live == n
+		}
+		if ok {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("members did not converge on %d", n)
+		}
+	}
+}
+
+// upstreamBytes counts blob body bytes the upstream sent, and throttles each response.
+type upstreamBytes struct {
+	n    atomic.Int64
+	rate int64 // bytes a second per response
+}
+
+func (u *upstreamBytes) wrap(up *fakeUpstream) {
+	inner := up.fault
+	up.setHook(func(w http.ResponseWriter, r *http.Request) bool {
+		if !strings.Contains(r.URL.Path, "/blobs/") || r.Method != http.MethodGet {
+			return false
+		}
+		inner.ServeHTTP(&throttled{ResponseWriter: w, n: &u.n, rate: u.rate, start: time.Now()}, r)
+		return true
+	})
+}
+
+type throttled struct {
+	http.ResponseWriter
+	n     *atomic.Int64
+	rate  int64
+	start time.Time
+	sent  int64
+}
+
+func (t *throttled) Write(p []byte) (int, error) {
+	written := 0
+	for len(p) > 0 {
+		part := p[:min(len(p), 32<<10)]
+		n, err := t.ResponseWriter.Write(part)
+		written += n
+		t.sent += int64(n)
+		t.n.Add(int64(n))
+		if err != nil {
+			return written, err
+		}
+		p = p[n:]
+		if ahead := time.Duration(float64(t.sent)/float64(t.rate)*float64(time.Second)) - time.Since(t.start); ahead > 0 {
+			time.Sleep(ahead)
+		}
+	}
+	return written, nil
+}
+
+func (t *throttled) Flush() { http.NewResponseController(t.ResponseWriter).Flush() }
+
+func fleetKey(t *testing.T) []byte {
+	k := make([]byte, 32)
+	rand.Read(k)
+	return k
+}
+
+func imageBytes(t *testing.T, img v1.Image) int64 {
+	t.Helper()
+	var n int64
+	layers, _ := img.Layers()
+	for _, l := range layers {
+		s, _ := l.Size()
+		n += s
+	}
+	cfg, _ := img.RawConfigFile()
+	return n + int64(len(cfg))
+}
+
+// TestFleetPullsEachByteOnce (issue 13): four members pull a fresh image at the same
+// moment; each gets it right, and the upstream sends the image's bytes about once. A fifth
+// member joining later pulls it without any upstream blob bytes.
+func TestFleetPullsEachByteOnce(t *testing.T) {
+	up := newUpstream(t)
+	img := randomImage(t, 2<<20, 2)
+	up.push(t, "library/app", "v1", img)
+	ub := &upstreamBytes{rate: 4 << 20}
+	ub.wrap(up)
+	key := fleetKey(t)
+	first := startMember(t, "n0", up, key, nil, nil)
+	ms := []*member{first}
+	for i := 1; i < 4; i++ {
+		ms = append(ms, startMember(t, fmt.Sprint("n", i), up, key, []string{first.fleet.GossipAddr()}, nil))
+	}
+	waitMembers(t, 4, ms...)
+
+	var wg sync.WaitGroup
+	for _, m := range ms {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			m.pull(t, "library/app:v1") // validates every blob's digest
+		}()
+	}
+	wg.Wait()
+	size := imageBytes(t, img)
+	sent := ub.n.Load()
+	t.Logf("4 members pulled a %d-byte image; upstream sent %d blob bytes (%.2fx)", size, sent, float64(sent)/float64(size))
+	if float64(sent) > 1.1*float64(size) {
+		t.Errorf("upstream sent %d blob bytes for a %d-byte image to 4 members, want at most 1.1x", sent, size)
+	}
+	for _, m := range ms {
+		assertStoreIntact(t, m.testMirror)
+	}
+
+	late := startMember(t, "n4", up, key, []string{first.fleet.GossipAddr()}, nil)
+	waitMembers(t, 5, append(ms, late)...)
+	before := ub.n.Load()
+	late.pull(t, "library/app:v1")
+	if n := ub.n.Load() - before; n != 0 {
+		t.Errorf("the member that joined later took %d blob bytes from upstream, want 0", n)
+	}
+}
+
+// TestFleetLyingMember (issue 13): a member whose peer API is behind a proxy that flips a
+// byte of everything it sends never makes another member serve a complete wrong response
+// or store a wrong blob; the blob comes right from upstream, and the liar is reported.
+func TestFleetLyingMember(t *testing.T) {
+	up := newUpstream(t)
+	blob := make([]byte, 2<<20)
+	rand.Read(blob)
+	d := digest.FromBytes(blob)
+	rb := &rangedBlob{blob: blob, path: "/v2/library/app/blobs/" + d.String(), pause: time.Millisecond}
+	rb.install(up)
+	key := fleetKey(t)
+	honest := startMember(t, "honest", up, key, nil, nil)
+	liar := startMember(t, "liar", up, key, []string{honest.fleet.GossipAddr()}, flippingProxy(t))
+	waitMembers(t, 2, honest, liar)
+	// The liar gets the blob first, so the honest member asks it for the chunks it owns.
+	if status, body, clean := fetch(t, liar.srv.URL+rb.path); status != 200 || !clean || !bytes.Equal(body, blob) {
+		t.Fatalf("liar's own pull: %d clean %v", status, clean)
+	}
+	owned := 0
+	for k := int64(0); k*testChunk < int64(len(blob)); k++ {
+		if honest.fleet.Owners(d, k)[0].Name == "liar" {
+			owned++
+		}
+	}
+	if owned == 0 {
+		t.Fatal("the liar owns no chunk of the blob; the test proves nothing")
+	}
+	status, body, clean := fetch(t, honest.srv.URL+rb.path)
+	if status == 200 && clean && !bytes.Equal(body, blob) {
+		t.Fatal("a complete response of wrong bytes from members")
+	}
+	// Whatever the first answer, the blob is fetched again from upstream and stored right.
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if _, err := honest.store.Size(d); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the blob was not fetched again after members' bytes failed")
+		}
+	}
+	assertStoreIntact(t, honest.testMirror)
+	if status, body, clean := fetch(t, honest.srv.URL+rb.path); status != 200 || !clean || !bytes.Equal(body, blob) {
+		t.Fatalf("after the refetch: %d clean %v", status, clean)
+	}
+	var faults int64
+	for _, s := range honest.fleet.Stats() {
+		if s.Name == "liar" {
+			faults = s.Faults
+		}
+	}
+	if faults == 0 {
+		t.Fatal("the liar was not reported")
+	}
+}
+
+// flippingProxy returns an advertise function that puts a proxy flipping one byte of each
+// response body in front of the real peer address.
+func flippingProxy(t *testing.T) func(string) string {
+	return func(real string) string {
+		srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			req, _ := http.NewRequestWithContext(r.Context(), r.Method, "http://"+real+r.URL.RequestURI(), nil)
+			req.Header = r.Header.Clone()
+			resp, err := http.DefaultTransport.RoundTrip(req)
+			if err != nil {
+				w.WriteHeader(http.StatusBadGateway)
+				return
+			}
+			defer resp.Body.Close()
+			body, _ := io.ReadAll(resp.Body)
+			if len(body) > 0 && resp.StatusCode == http.StatusOK {
+				body[len(body)/2] ^= 0xff
+			}
+			for k, v := range resp.Header {
+				w.Header()[k] = v
+			}
+			w.WriteHeader(resp.StatusCode)
+			w.Write(body)
+		}))
+		t.Cleanup(srv.Close)
+		return strings.TrimPrefix(srv.URL, "http://")
+	}
+}
+
+// TestFleetMemberWithAnotherKey (issue 13): a node with another key is not admitted, and
+// its peer requests are refused.
+func TestFleetMemberWithAnotherKey(t *testing.T) {
+	up := newUpstream(t)
+	a := startMember(t, "a", up, fleetKey(t), nil, nil)
+	b := startMember(t, "b", up, fleetKey(t), []string{a.fleet.GossipAddr()}, nil)
+	time.Sleep(2 * time.Second) // joining is retried in the background; give it the chance to fail
+	for _, m := range a.fleet.Members() {
+		if m.Name == "b" {
+			t.Fatal("a member with another key was admitted")
+		}
+	}
+	blob := []byte("secret layer")
+	d := digest.FromBytes(blob)
+	_, err := b.fleet.Fetch(context.Background(), fleet.Member{Name: "a", PeerAddr: a.peerAddr}, fleet.ChunkRequest{
+		Registry: "docker.io", Repo: "library/app", Digest: d, Size: int64(len(blob)), Offset: 0, Length: int64(len(blob)),
+	})
+	if err == nil || !strings.Contains(err.Error(), "401") {
+		t.Fatalf("a request signed with another key: %v, want 401", err)
+	}
+}
+
+// TestFleetOwnerDown (issue 13): an owner that vanishes mid-pull costs a fallback to
+// upstream for its chunks, never a failed pull.
+func TestFleetOwnerDown(t *testing.T) {
+	up := newUpstream(t)
+	rb := newRangedBlob(3 << 20)
+	rb.install(up)
+	key := fleetKey(t)
+	a := startMember(t, "a", up, key, nil, nil)
+	b := startMember(t, "b", up, key, []string{a.fleet.GossipAddr()}, nil)
+	waitMembers(t, 2, a, b)
+	b.peerLn.Close() // b's peer API is gone; memberlist still lists it for a while
+	status, body, clean := fetch(t, a.srv.URL+rb.path)
+	if status != 200 || !clean || !bytes.Equal(body, rb.blob) {
+		t.Fatalf("pull with the owner down: %d clean %v right %v", status, clean, bytes.Equal(body, rb.blob))
+	}
+	assertStoreIntact(t, a.testMirror)
+}
+
+func testLogger() *slog.Logger {
+	if os.Getenv("MIRROR_TEST_LOG") != "" {
+		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	return nopLogger()
+}
