@@ -18,6 +18,7 @@ import (
 	"github.com/opencontainers/go-digest"
 	"golang.org/x/sync/singleflight"
 
+	"github.com/node-mirror/node-mirror/internal/wire"
 	"github.com/node-mirror/node-mirror/pkg/contentstore"
 	"github.com/node-mirror/node-mirror/pkg/metrics"
 	"github.com/node-mirror/node-mirror/pkg/upstream"
@@ -163,7 +164,7 @@ func (m *Mirror) Close() {
 // ServeHTTP implements the OCI distribution pull API.
 func (m *Mirror) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if r.Method != http.MethodGet && r.Method != http.MethodHead {
-		writeError(w, r, errUnsupported)
+		wire.Write(w, r, errUnsupported)
 		return
 	}
 	if r.URL.Path == "/v2/" || r.URL.Path == "/v2" {
@@ -177,9 +178,9 @@ func (m *Mirror) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	pol := m.policy.Load()
-	rt, werr := parseRoute(r, func(name string) bool { return pol.registries[name] != nil }, pol.def)
-	if werr != nil {
-		writeError(w, r, *werr)
+	rt, err := parseRoute(r, func(name string) bool { return pol.registries[name] != nil }, pol.def)
+	if err != nil {
+		wire.Write(w, r, err)
 		return
 	}
 	rt.client, rt.policy = pol.registries[rt.registry], pol
@@ -251,12 +252,12 @@ func (m *Mirror) fail(w http.ResponseWriter, r *http.Request, rt route, err erro
 	noteResult(r.Context(), ResultError)
 	m.count(ResultError)
 	level := slog.LevelWarn
-	if we.status == http.StatusNotFound {
+	if we.Status == http.StatusNotFound {
 		level = slog.LevelDebug
 	}
 	m.log.Log(r.Context(), level, "request failed", "method", r.Method, "registry", rt.registry,
-		"repo", rt.repo, "kind", rt.kind, "ref", rt.ref, "status", we.status, "err", err)
-	writeError(w, r, we)
+		"repo", rt.repo, "kind", rt.kind, "ref", rt.ref, "status", we.Status, "err", err)
+	wire.Write(w, r, we)
 }
 
 func setContentHeaders(w http.ResponseWriter, mediaType, dgst string, size int64) {

@@ -27,6 +27,7 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"github.com/node-mirror/node-mirror/internal/fault"
+	"github.com/node-mirror/node-mirror/internal/wire"
 	"github.com/node-mirror/node-mirror/pkg/contentstore"
 	"github.com/node-mirror/node-mirror/pkg/upstream"
 )
@@ -790,7 +791,7 @@ func TestBadRequests(t *testing.T) {
 		{"GET", "/v2/app/blobs/" + d, 404, "BLOB_UNKNOWN"},
 	} {
 		resp, body := tm.get(t, tc.method, tc.path)
-		var env envelope
+		var env wire.Envelope
 		if resp.StatusCode != tc.status || json.Unmarshal(body, &env) != nil || len(env.Errors) != 1 || env.Errors[0].Code != tc.code {
 			t.Errorf("%s %s: got %d %s, want %d %s", tc.method, tc.path, resp.StatusCode, body, tc.status, tc.code)
 		}

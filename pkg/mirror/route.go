@@ -46,19 +46,19 @@ const maxNameLen = 255
 // The registry is, in order: the ns query parameter (containerd), the first path element
 // when it names a configured registry (containers/image mirrors with a path), or def
 // (Docker's registry-mirrors). Nothing else is ever contacted.
-func parseRoute(r *http.Request, isRegistry func(string) bool, def string) (route, *wireError) {
+func parseRoute(r *http.Request, isRegistry func(string) bool, def string) (route, error) {
 	// Valid names and references never need escaping; an escaped byte is at best a
 	// confused client and at worst an encoded slash or dot-dot trying to get past us.
 	if strings.Contains(r.URL.EscapedPath(), "%") || r.URL.RawPath != "" {
-		return route{}, &errNameInvalid
+		return route{}, errNameInvalid
 	}
 	rest, ok := strings.CutPrefix(r.URL.Path, "/v2/")
 	if !ok {
-		return route{}, &errNotFound
+		return route{}, errNotFound
 	}
 	segs := strings.Split(rest, "/")
 	if len(segs) < 3 {
-		return route{}, &errNotFound
+		return route{}, errNotFound
 	}
 	rt := route{kind: segs[len(segs)-2], ref: segs[len(segs)-1]}
 	nameSegs := segs[:len(segs)-2]
@@ -66,14 +66,14 @@ func parseRoute(r *http.Request, isRegistry func(string) bool, def string) (rout
 	case kindManifests, kindBlobs, kindReferrers:
 	case kindTags:
 		if rt.ref != "list" {
-			return route{}, &errNotFound
+			return route{}, errNotFound
 		}
 	default:
 		// blobs/uploads/... is the push API.
 		if slices.Contains(segs, "uploads") {
-			return route{}, &errUnsupported
+			return route{}, errUnsupported
 		}
-		return route{}, &errNotFound
+		return route{}, errNotFound
 	}
 
 	ns := r.URL.Query().Get("ns")
@@ -89,11 +89,11 @@ func parseRoute(r *http.Request, isRegistry func(string) bool, def string) (rout
 	case def != "":
 		rt.registry = def
 	default:
-		return route{}, &errNameUnknown
+		return route{}, errNameUnknown
 	}
 	for _, s := range nameSegs {
 		if !componentRe.MatchString(s) {
-			return route{}, &errNameInvalid
+			return route{}, errNameInvalid
 		}
 	}
 	rt.repo = strings.Join(nameSegs, "/")
@@ -101,31 +101,30 @@ func parseRoute(r *http.Request, isRegistry func(string) bool, def string) (rout
 		rt.repo = "library/" + rt.repo
 	}
 	if len(rt.repo) > maxNameLen {
-		return route{}, &errNameInvalid
+		return route{}, errNameInvalid
 	}
 
 	switch rt.kind {
 	case kindBlobs, kindReferrers:
 		d, err := digest.Parse(rt.ref)
 		if err != nil || !d.Algorithm().Available() {
-			return route{}, &errDigestInvalid
+			return route{}, errDigestInvalid
 		}
 		rt.digest = d
 	case kindManifests:
 		if strings.Contains(rt.ref, ":") {
 			d, err := digest.Parse(rt.ref)
 			if err != nil || !d.Algorithm().Available() {
-				return route{}, &errDigestInvalid
+				return route{}, errDigestInvalid
 			}
 			rt.digest = d
 		} else if !tagRe.MatchString(rt.ref) {
-			return route{}, &errTagInvalid
+			return route{}, errTagInvalid
 		}
 	}
 	return rt, nil
 }
 
-func errRegistryUnknown(ns string) *wireError {
-	e := errNameUnknown.with("registry " + ns + " is not mirrored here")
-	return &e
+func errRegistryUnknown(ns string) error {
+	return errNameUnknown.With("registry " + ns + " is not mirrored here")
 }
