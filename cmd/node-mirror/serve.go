@@ -146,8 +146,19 @@ func serve(c *cli.Context) error {
 	if (c.String("tls-cert") == "") != (c.String("tls-key") == "") {
 		return errors.New("--tls-cert and --tls-key go together")
 	}
-	if err := server.CheckExposure(cfg.Listen, c.String("tls-cert") != "", auth != nil, c.Bool("insecure-public-listen")); err != nil {
+	tls, insecure := c.String("tls-cert") != "", c.Bool("insecure-public-listen")
+	if err := server.CheckExposure("listen", cfg.Listen, tls, auth != nil, insecure); err != nil {
 		return err
+	}
+	if addr := c.String("metrics-listen"); addr != "" {
+		if err := server.CheckExposure("metrics-listen", addr, tls, auth != nil, insecure); err != nil {
+			return err
+		}
+	}
+	if addr := c.String("debug-listen"); addr != "" {
+		if err := server.CheckDebugExposure(addr, insecure); err != nil {
+			return err
+		}
 	}
 
 	store, err := contentstore.Open(cfg.DataDir)
@@ -185,7 +196,7 @@ func serve(c *cli.Context) error {
 	defer m.Close()
 
 	metricsHandler := promhttp.HandlerFor(reg, promhttp.HandlerOpts{})
-	srvOpts := server.Options{Mirror: m, Admin: admin.Handler(m, log), Metrics: met, Logger: log, Auth: auth}
+	srvOpts := server.Options{Listen: cfg.Listen, Mirror: m, Admin: admin.Handler(m, log), Metrics: met, Logger: log, Auth: auth}
 	if c.String("metrics-listen") == "" {
 		srvOpts.MetricsHandler = metricsHandler
 	}
@@ -213,9 +224,15 @@ func serve(c *cli.Context) error {
 		if err != nil {
 			return fmt.Errorf("--%s: %w", flag, err)
 		}
-		s := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
+		s := srv.Side(addr, h)
 		defer s.Close()
-		go func() { errc <- s.Serve(sln) }()
+		go func() {
+			if cert := c.String("tls-cert"); cert != "" {
+				errc <- s.ServeTLS(sln, cert, c.String("tls-key"))
+				return
+			}
+			errc <- s.Serve(sln)
+		}()
 		log.Info("serving "+flag, "listen", sln.Addr().String())
 	}
 
