@@ -11,6 +11,7 @@ import (
 
 	"github.com/opencontainers/go-digest"
 
+	"github.com/node-mirror/node-mirror/internal/cachehdr"
 	"github.com/node-mirror/node-mirror/pkg/contentstore"
 	"github.com/node-mirror/node-mirror/pkg/upstream"
 )
@@ -71,7 +72,7 @@ func (m *Mirror) passThrough(w http.ResponseWriter, r *http.Request, rt route, w
 	}
 	defer resp.Body.Close()
 	noteResult(r.Context(), ResultPassThrough)
-	w.Header().Set(cacheHeader, "pass-through")
+	w.Header().Set(cacheHeader, cachehdr.PassThrough)
 	if resp.StatusCode == http.StatusPartialContent {
 		for _, k := range []string{"Content-Range", "Content-Length"} {
 			if v := resp.Header.Get(k); v != "" {
