@@ -285,7 +285,9 @@ func reload(c *cli.Context, running config.Config, m *mirror.Mirror, log *slog.L
 	if err == nil {
 		var regs map[string]*upstream.Client
 		if regs, err = newClients(cfg, log, met); err == nil {
-			err = m.Reconfigure(regs, cfg.DefaultRegistry, cfg.Cache.TagFreshness.Duration, cfg.Cache.ListTTL.Duration)
+			err = m.Reconfigure(mirror.Options{Registries: regs, DefaultRegistry: cfg.DefaultRegistry,
+				TagFreshness: cfg.Cache.TagFreshness.Duration, ListTTL: cfg.Cache.ListTTL.Duration,
+				MaxManifestSize: cfg.Cache.MaxManifestSize, EagerFetch: eagerOf(cfg)})
 		}
 	}
 	if err == nil {
@@ -326,10 +328,7 @@ func budgetOf(cfg config.Config) contentstore.Budget {
 
 func eagerOf(cfg config.Config) int {
 	if cfg.Cache.EagerFetch == nil {
-		return 0 // the mirror's default
-	}
-	if *cfg.Cache.EagerFetch == 0 {
-		return -1 // off
+		return 4
 	}
 	return *cfg.Cache.EagerFetch
 }

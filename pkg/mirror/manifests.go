@@ -108,15 +108,16 @@ func (m *Mirror) fetchManifest(ctx context.Context, rt route, ref string, want d
 		return nil, err
 	}
 	defer resp.Body.Close()
-	if resp.ContentLength > m.opts.MaxManifestSize {
-		return nil, errManifestTooLarge
+	limit := rt.policy.maxManifestSize
+	if resp.ContentLength > limit {
+		return nil, manifestTooLarge{limit}
 	}
-	body, err := io.ReadAll(io.LimitReader(resp.Body, m.opts.MaxManifestSize+1))
+	body, err := io.ReadAll(io.LimitReader(resp.Body, limit+1))
 	if err != nil {
 		return nil, fmt.Errorf("reading manifest %s from %s: %w", ref, rt.registry, err)
 	}
-	if int64(len(body)) > m.opts.MaxManifestSize {
-		return nil, errManifestTooLarge
+	if int64(len(body)) > limit {
+		return nil, manifestTooLarge{limit}
 	}
 	if want == "" {
 		if h, err := digest.Parse(resp.Header.Get("Docker-Content-Digest")); err == nil && h.Algorithm().Available() {
@@ -206,6 +207,8 @@ func (m *Mirror) manifestByTag(ctx context.Context, rt route) (*manifest, string
 // revalidateTag asks upstream where the tag points now. It runs detached from the
 // request, so a slow answer still refreshes the cache for the next client.
 func (m *Mirror) revalidateTag(rt route, cached *manifest) (*manifest, error) {
+	rt.policy.hold() // may outlive the request that started it
+	defer rt.policy.release()
 	ctx, cancel := context.WithTimeout(m.ctx, 2*time.Minute)
 	defer cancel()
 	client := rt.client

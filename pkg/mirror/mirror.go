@@ -36,12 +36,13 @@ type Options struct {
 	// StaleAfter is how long a tag request waits for upstream before a cached answer is
 	// served instead (the revalidation carries on in the background).
 	StaleAfter time.Duration
-	// ListTTL bounds reuse of tag lists and referrers answers.
-	ListTTL         time.Duration
+	// ListTTL bounds reuse of tag lists and referrers answers (default 30s).
+	ListTTL time.Duration
+	// MaxManifestSize refuses larger manifests (default 4 MiB).
 	MaxManifestSize int64
 	// EagerFetch is how many layers of a requested image manifest are fetched at once in
-	// the background, before the engine asks for them. 0 means the default (4); negative
-	// turns eager fetching off.
+	// the background, before the engine asks for them; 0 (or less) turns it off. Taken
+	// as given: the daemon's default (4) lives in its configuration.
 	EagerFetch int
 	// Platform selects the image of an index that eager fetching follows; default: this
 	// node's platform.
@@ -67,8 +68,12 @@ type Mirror struct {
 	flight singleflight.Group // manifests and lists, keyed by what is fetched
 
 	stats    counters
-	eager    chan eagerJob // nil when eager fetching is off
 	platform platforms.MatchComparer
+
+	eager      chan eagerJob // queued work for the eager workers
+	eagerOn    atomic.Bool   // at least one worker runs
+	eagerMu    sync.Mutex
+	eagerStops []chan struct{} // one per running worker; closing it stops that worker
 
 	mu        sync.Mutex
 	downloads map[string]*download   // blob digest -> the one download in flight
@@ -81,9 +86,6 @@ type Mirror struct {
 func New(opts Options) (*Mirror, error) {
 	if opts.Store == nil || len(opts.Registries) == 0 {
 		return nil, errors.New("mirror needs a store and at least one registry")
-	}
-	if opts.MaxManifestSize <= 0 {
-		opts.MaxManifestSize = 4 << 20
 	}
 	if opts.StaleAfter <= 0 {
 		opts.StaleAfter = 3 * time.Second
@@ -102,9 +104,7 @@ func New(opts Options) (*Mirror, error) {
 		checked:   map[string]time.Time{},
 		lists:     map[string]*listAnswer{},
 		eagerDone: map[digest.Digest]bool{},
-	}
-	if err := m.Reconfigure(opts.Registries, opts.DefaultRegistry, opts.TagFreshness, opts.ListTTL); err != nil {
-		return nil, err
+		eager:     make(chan eagerJob, 1024),
 	}
 	m.stats.since = time.Now()
 	m.platform = platforms.Default()
@@ -115,40 +115,96 @@ func New(opts Options) (*Mirror, error) {
 		}
 		m.platform = platforms.Only(p)
 	}
-	if opts.EagerFetch == 0 {
-		opts.EagerFetch = 4
-	}
-	if opts.EagerFetch > 0 {
-		m.eager = make(chan eagerJob, 1024)
-		for range opts.EagerFetch {
-			m.wg.Add(1)
-			go m.eagerWorker()
-		}
+	if err := m.Reconfigure(opts); err != nil {
+		return nil, err
 	}
 	return m, nil
 }
 
 // policy is the reloadable part of the configuration.
 type policy struct {
-	registries   map[string]*upstream.Client
-	def          string
-	tagFreshness time.Duration
-	listTTL      time.Duration
+	registries      map[string]*upstream.Client
+	def             string
+	tagFreshness    time.Duration
+	listTTL         time.Duration
+	maxManifestSize int64
+
+	// users counts requests and background work still talking to upstream through these
+	// clients. A reload retires the policy: its clients' idle connections are closed at
+	// once (and the transport closes busy ones as they come back), and again when the
+	// last user leaves, for connections that work begun before the reload dialled after
+	// it. Nothing would ever take them from the pool again.
+	mu      sync.Mutex
+	users   int
+	retired []*upstream.Client // set by retire: the clients the next policy dropped
 }
 
-// Reconfigure replaces registries, credentials and cache policy for new requests;
-// requests and downloads in flight finish with what they started with.
-func (m *Mirror) Reconfigure(registries map[string]*upstream.Client, def string, tagFreshness, listTTL time.Duration) error {
-	if len(registries) == 0 {
+func (p *policy) hold() {
+	if p == nil {
+		return
+	}
+	p.mu.Lock()
+	p.users++
+	p.mu.Unlock()
+}
+
+func (p *policy) release() {
+	if p == nil {
+		return
+	}
+	p.mu.Lock()
+	p.users--
+	var idle []*upstream.Client
+	if p.users == 0 {
+		idle = p.retired
+	}
+	p.mu.Unlock()
+	closeIdle(idle)
+}
+
+// retire hands the policy's clients that next does not use over to closing.
+func (p *policy) retire(next *policy) {
+	var gone []*upstream.Client
+	for name, c := range p.registries {
+		if next == nil || next.registries[name] != c {
+			gone = append(gone, c)
+		}
+	}
+	p.mu.Lock()
+	p.retired = gone
+	p.mu.Unlock()
+	closeIdle(gone)
+}
+
+func closeIdle(clients []*upstream.Client) {
+	for _, c := range clients {
+		c.CloseIdleConnections()
+	}
+}
+
+// Reconfigure applies the reloadable options (Registries, DefaultRegistry, TagFreshness,
+// ListTTL, MaxManifestSize, EagerFetch) to new requests; the others stay as New set them.
+// Requests and downloads in flight finish with the registries they started with, whose
+// connections are closed once they are done.
+func (m *Mirror) Reconfigure(o Options) error {
+	if len(o.Registries) == 0 {
 		return errors.New("no registries")
 	}
-	if def != "" && registries[def] == nil {
-		return fmt.Errorf("default registry %s is not configured", def)
+	if o.DefaultRegistry != "" && o.Registries[o.DefaultRegistry] == nil {
+		return fmt.Errorf("default registry %s is not configured", o.DefaultRegistry)
 	}
-	if listTTL <= 0 {
-		listTTL = 30 * time.Second
+	if o.ListTTL <= 0 {
+		o.ListTTL = 30 * time.Second
 	}
-	m.policy.Store(&policy{registries: registries, def: def, tagFreshness: tagFreshness, listTTL: listTTL})
+	if o.MaxManifestSize <= 0 {
+		o.MaxManifestSize = 4 << 20
+	}
+	next := &policy{registries: o.Registries, def: o.DefaultRegistry, tagFreshness: o.TagFreshness,
+		listTTL: o.ListTTL, maxManifestSize: o.MaxManifestSize}
+	if old := m.policy.Swap(next); old != nil {
+		old.retire(next)
+	}
+	m.setEagerWorkers(o.EagerFetch)
 	return nil
 }
 
@@ -156,9 +212,7 @@ func (m *Mirror) Reconfigure(registries map[string]*upstream.Client, def string,
 func (m *Mirror) Close() {
 	m.cancel()
 	m.wg.Wait()
-	for _, c := range m.policy.Load().registries {
-		c.CloseIdleConnections()
-	}
+	m.policy.Load().retire(nil)
 }
 
 // ServeHTTP implements the OCI distribution pull API.
@@ -178,6 +232,8 @@ func (m *Mirror) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	pol := m.policy.Load()
+	pol.hold()
+	defer pol.release()
 	rt, err := parseRoute(r, func(name string) bool { return pol.registries[name] != nil }, pol.def)
 	if err != nil {
 		wire.Write(w, r, err)
