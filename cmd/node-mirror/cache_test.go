@@ -141,14 +141,14 @@ func TestGCOfflineDryRunThenGC(t *testing.T) {
 }
 
 // daemon is a mirror with the admin API behind the real server handler.
-type daemon struct {
+type testDaemon struct {
 	url   string
 	up    *httptest.Server
 	store *contentstore.Store
 	dir   string
 }
 
-func startDaemon(t *testing.T, budget contentstore.Budget) *daemon {
+func startDaemon(t *testing.T, budget contentstore.Budget) *testDaemon {
 	t.Helper()
 	up := httptest.NewServer(registry.New(registry.Logger(log.New(io.Discard, "", 0))))
 	t.Cleanup(up.Close)
@@ -173,7 +173,7 @@ func startDaemon(t *testing.T, budget contentstore.Budget) *daemon {
 		srv.Close()
 		m.Close()
 	})
-	return &daemon{url: srv.URL, up: up, store: store, dir: dir}
+	return &testDaemon{url: srv.URL, up: up, store: store, dir: dir}
 }
 
 func TestGCAndStatusThroughDaemon(t *testing.T) {

@@ -108,7 +108,7 @@ func gcCommand() *cli.Command {
 			if c.Bool("json") {
 				return writeJSON(c, rep)
 			}
-			admin.WriteGC(c.App.Writer, rep)
+			writeGC(c.App.Writer, rep)
 			return nil
 		},
 	}

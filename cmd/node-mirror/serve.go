@@ -79,8 +79,7 @@ func loadConfig(c *cli.Context) (config.Config, error) {
 		return cfg, err
 	}
 	if c.IsSet("eager-fetch") {
-		n := c.Int("eager-fetch")
-		cfg.Cache.EagerFetch = &n
+		cfg.Cache.EagerFetch = c.Int("eager-fetch")
 	}
 	if err := cfg.Validate(); err != nil {
 		return cfg, fmt.Errorf("config: %w", err)
@@ -326,12 +325,7 @@ func budgetOf(cfg config.Config) contentstore.Budget {
 	}
 }
 
-func eagerOf(cfg config.Config) int {
-	if cfg.Cache.EagerFetch == nil {
-		return 4
-	}
-	return *cfg.Cache.EagerFetch
-}
+func eagerOf(cfg config.Config) int { return cfg.Cache.EagerFetch }
 
 func registryNames(cfg config.Config) []string {
 	names := make([]string, 0, len(cfg.Registries))
