@@ -693,9 +693,17 @@ func TestEndpointsTriedInOrder(t *testing.T) {
 	up := newUpstream(t)
 	img := randomImage(t, 1024, 1)
 	up.push(t, "library/app", "v1", img)
-	dead := closedPort(t)
+	var seq, deadFirst, upFirst atomic.Int64
+	dead := hangUp(t, func() { deadFirst.CompareAndSwap(0, seq.Add(1)) })
+	up.setHook(func(http.ResponseWriter, *http.Request) bool {
+		upFirst.CompareAndSwap(0, seq.Add(1))
+		return false
+	})
 	tm := newMirror(t, map[string][]string{"docker.io": {"http://" + dead, up.srv.URL}})
 	tm.pull(t, "library/app:v1")
+	if d, u := deadFirst.Load(), upFirst.Load(); d == 0 || u == 0 || d > u {
+		t.Fatalf("first contact: dead endpoint #%d, working endpoint #%d; want the dead one, listed first, tried first", d, u)
+	}
 }
 
 func TestTagsListAndReferrersPassThrough(t *testing.T) {
@@ -824,13 +832,24 @@ func mustRead(t *testing.T, l v1.Layer) []byte {
 	return b
 }
 
-func closedPort(t *testing.T) string {
+// hangUp is an endpoint that is down: it accepts and closes every connection, calling
+// accepted for each. The test holds it open, so no other process can take its port.
+func hangUp(t *testing.T, accepted func()) string {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	addr := ln.Addr().String()
-	ln.Close()
-	return addr
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			accepted()
+			c.Close()
+		}
+	}()
+	return ln.Addr().String()
 }
