@@ -3,11 +3,19 @@ package daemon
 import (
 	"bufio"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"io"
 	"log"
 	"log/slog"
+	"math/big"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -27,6 +35,7 @@ import (
 	"github.com/node-mirror/node-mirror/internal/wire"
 	"github.com/node-mirror/node-mirror/pkg/config"
 	"github.com/node-mirror/node-mirror/pkg/contentstore"
+	"github.com/node-mirror/node-mirror/pkg/server"
 )
 
 func quiet() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
@@ -281,5 +290,91 @@ func TestEagerFetchFromConfig(t *testing.T) {
 	}
 	if got := mirrorOptions(config.Default(), nil).EagerFetch; got != 4 {
 		t.Errorf("default eager_fetch reached the mirror as %d, want 4", got)
+	}
+}
+
+// selfSigned writes a certificate for 127.0.0.1 and its key, and returns a client that
+// trusts it.
+func selfSigned(t *testing.T) (cert, key string, client *http.Client) {
+	t.Helper()
+	priv, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "node-mirror test"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		IPAddresses: []net.IP{net.ParseIP("127.0.0.1")}, KeyUsage: x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &priv.PublicKey, priv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kb, err := x509.MarshalECPrivateKey(priv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	cert, key = filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
+	os.WriteFile(cert, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600)
+	os.WriteFile(key, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kb}), 0o600)
+	leaf, _ := x509.ParseCertificate(der)
+	pool := x509.NewCertPool()
+	pool.AddCert(leaf)
+	return cert, key, &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
+}
+
+// TestSideListenersServeTLSAndNeedAuth: with TLS and client auth, the metrics listener
+// speaks TLS like the main one and wants the same credentials.
+func TestSideListenersServeTLSAndNeedAuth(t *testing.T) {
+	cert, key, client := selfSigned(t)
+	tokens := filepath.Join(t.TempDir(), "tokens")
+	os.WriteFile(tokens, []byte("s3cr3t\n"), 0o600)
+	auth, err := server.LoadTokenFile(tokens)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := testConfig(t, "http://127.0.0.1:1")
+	d, err := New(Options{Load: (&loader{cfg: cfg}).load, Auth: auth, TLSCert: cert, TLSKey: key,
+		MetricsListen: "127.0.0.1:0", Logger: quiet()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- d.Run(ctx, nil) }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	}()
+	for _, u := range []string{"https://" + d.Addr() + "/v2/", "https://" + d.sides[0].ln.Addr().String() + "/metrics"} {
+		for _, tc := range []struct {
+			token string
+			want  int
+		}{{"", 401}, {"s3cr3t", 200}} {
+			req, _ := http.NewRequest(http.MethodGet, u, nil)
+			if tc.token != "" {
+				req.Header.Set("Authorization", "Bearer "+tc.token)
+			}
+			resp, err := client.Do(req)
+			if err != nil {
+				t.Fatalf("%s: %v", u, err)
+			}
+			resp.Body.Close()
+			if resp.StatusCode != tc.want {
+				t.Errorf("%s with token %q: %d, want %d", u, tc.token, resp.StatusCode, tc.want)
+			}
+		}
+		// Plain HTTP is not served there.
+		plain := "http" + strings.TrimPrefix(u, "https")
+		if resp, err := http.Get(plain); err == nil {
+			resp.Body.Close()
+			if resp.StatusCode < 400 {
+				t.Errorf("%s answered %d over plain HTTP", plain, resp.StatusCode)
+			}
+		}
 	}
 }
