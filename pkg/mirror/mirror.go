@@ -134,32 +134,24 @@ type policy struct {
 	// once (and the transport closes busy ones as they come back), and again when the
 	// last user leaves, for connections that work begun before the reload dialled after
 	// it. Nothing would ever take them from the pool again.
-	mu      sync.Mutex
-	users   int
-	retired []*upstream.Client // set by retire: the clients the next policy dropped
+	users   atomic.Int64
+	retired atomic.Pointer[[]*upstream.Client] // set by retire: the clients the next policy dropped
 }
 
 func (p *policy) hold() {
-	if p == nil {
-		return
+	if p != nil {
+		p.users.Add(1)
 	}
-	p.mu.Lock()
-	p.users++
-	p.mu.Unlock()
 }
 
 func (p *policy) release() {
-	if p == nil {
+	if p == nil || p.users.Add(-1) != 0 {
 		return
 	}
-	p.mu.Lock()
-	p.users--
-	var idle []*upstream.Client
-	if p.users == 0 {
-		idle = p.retired
+	// A release to zero before retire stored the list is covered by retire's own close.
+	if gone := p.retired.Load(); gone != nil {
+		closeIdle(*gone)
 	}
-	p.mu.Unlock()
-	closeIdle(idle)
 }
 
 // retire hands the policy's clients that next does not use over to closing.
@@ -170,9 +162,7 @@ func (p *policy) retire(next *policy) {
 			gone = append(gone, c)
 		}
 	}
-	p.mu.Lock()
-	p.retired = gone
-	p.mu.Unlock()
+	p.retired.Store(&gone)
 	closeIdle(gone)
 }
 
