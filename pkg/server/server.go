@@ -22,7 +22,7 @@ import (
 // Options configure a Server.
 type Options struct {
 	// Listen is the configured main address; on loopback, requests must name the mirror
-	// by a loopback host (see hostGuard).
+	// by a loopback host (see hostGuard). Empty (a handler served by a test) checks none.
 	Listen string
 	Mirror http.Handler
 	// Admin, when set, serves /admin/ (status, gc) on the main port, behind Auth.
