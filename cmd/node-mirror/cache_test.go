@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/json"
+	"errors"
 	"io"
 	"log"
 	"log/slog"
@@ -140,14 +141,14 @@ func TestGCOfflineDryRunThenGC(t *testing.T) {
 }
 
 // daemon is a mirror with the admin API behind the real server handler.
-type daemon struct {
+type testDaemon struct {
 	url   string
 	up    *httptest.Server
 	store *contentstore.Store
 	dir   string
 }
 
-func startDaemon(t *testing.T, budget contentstore.Budget) *daemon {
+func startDaemon(t *testing.T, budget contentstore.Budget) *testDaemon {
 	t.Helper()
 	up := httptest.NewServer(registry.New(registry.Logger(log.New(io.Discard, "", 0))))
 	t.Cleanup(up.Close)
@@ -172,7 +173,7 @@ func startDaemon(t *testing.T, budget contentstore.Budget) *daemon {
 		srv.Close()
 		m.Close()
 	})
-	return &daemon{url: srv.URL, up: up, store: store, dir: dir}
+	return &testDaemon{url: srv.URL, up: up, store: store, dir: dir}
 }
 
 func TestGCAndStatusThroughDaemon(t *testing.T) {
@@ -248,3 +249,19 @@ func TestPrefetchThenUpstreamGone(t *testing.T) {
 }
 
 func quiet() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
+
+// TestPrefetchExitsNonZeroOnPassThrough: a daemon that cannot store (a one-byte budget,
+// as --max-size 1) serves every blob by pass-through; prefetch must exit 1 and say so.
+func TestPrefetchExitsNonZeroOnPassThrough(t *testing.T) {
+	d := startDaemon(t, contentstore.Budget{MaxBytes: 1})
+	img, _ := random.Image(16<<10, 2)
+	ref, _ := name.ParseReference(strings.TrimPrefix(d.up.URL, "http://")+"/library/app:v1", name.Insecure)
+	if err := remote.Write(ref, img); err != nil {
+		t.Fatal(err)
+	}
+	out, err := run(t, "prefetch", "--mirror-url", d.url, "library/app:v1")
+	var ec cli.ExitCoder
+	if !errors.As(err, &ec) || ec.ExitCode() != 1 || !strings.Contains(err.Error(), "not stored") {
+		t.Fatalf("prefetch through a daemon that stores nothing: %v\n%s", err, out)
+	}
+}

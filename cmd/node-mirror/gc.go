@@ -9,6 +9,7 @@ import (
 	"github.com/urfave/cli/v2"
 	"golang.org/x/sys/unix"
 
+	"github.com/node-mirror/node-mirror/internal/daemon"
 	"github.com/node-mirror/node-mirror/pkg/admin"
 	"github.com/node-mirror/node-mirror/pkg/config"
 	"github.com/node-mirror/node-mirror/pkg/contentstore"
@@ -48,7 +49,7 @@ func openOffline(c *cli.Context) (*contentstore.Store, error) {
 	if err != nil {
 		return nil, err
 	}
-	s.SetBudget(budgetOf(cfg))
+	s.SetBudget(daemon.Budget(cfg))
 	return s, nil
 }
 
@@ -108,7 +109,7 @@ func gcCommand() *cli.Command {
 			if c.Bool("json") {
 				return writeJSON(c, rep)
 			}
-			admin.WriteGC(c.App.Writer, rep)
+			writeGC(c.App.Writer, rep)
 			return nil
 		},
 	}

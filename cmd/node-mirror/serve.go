@@ -1,31 +1,18 @@
 package main
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
-	"net/http"
-	"net/http/pprof"
 	"os"
 	"os/signal"
 	"syscall"
-	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/collectors"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/urfave/cli/v2"
 
-	"github.com/node-mirror/node-mirror/internal/sdnotify"
-	"github.com/node-mirror/node-mirror/pkg/admin"
+	"github.com/node-mirror/node-mirror/internal/daemon"
 	"github.com/node-mirror/node-mirror/pkg/config"
-	"github.com/node-mirror/node-mirror/pkg/contentstore"
-	"github.com/node-mirror/node-mirror/pkg/metrics"
-	"github.com/node-mirror/node-mirror/pkg/mirror"
 	"github.com/node-mirror/node-mirror/pkg/server"
-	"github.com/node-mirror/node-mirror/pkg/upstream"
 )
 
 func serveCommand() *cli.Command {
@@ -42,16 +29,50 @@ func serveCommand() *cli.Command {
 			&cli.IntFlag{Name: "eager-fetch", Usage: "fetch up to `N` layers of a requested image ahead of the engine (0: off; default 4)"},
 			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error"},
 			&cli.StringFlag{Name: "log-format", Value: "text", Usage: "text or json"},
-			&cli.StringFlag{Name: "metrics-listen", Usage: "serve /metrics on this `ADDR` instead of the main port"},
-			&cli.StringFlag{Name: "debug-listen", Usage: "serve Go pprof profiles on this `ADDR` (keep it on loopback)"},
+			&cli.StringFlag{Name: "metrics-listen", Usage: "serve /metrics on this `ADDR` instead of the main port (same exposure rule and client auth as --listen)"},
+			&cli.StringFlag{Name: "debug-listen", Usage: "serve Go pprof profiles on this `ADDR` (loopback, unless --insecure-public-listen)"},
 			&cli.StringFlag{Name: "tls-cert", Usage: "serve HTTPS with this certificate `FILE`"},
 			&cli.StringFlag{Name: "tls-key", Usage: "private key `FILE` for --tls-cert"},
 			&cli.StringFlag{Name: "htpasswd", Usage: "require HTTP basic auth checked against this bcrypt htpasswd `FILE`"},
 			&cli.StringFlag{Name: "token-file", Usage: "require a bearer token listed in this `FILE`"},
-			&cli.BoolFlag{Name: "insecure-public-listen", Usage: "allow a non-loopback --listen without TLS and client auth"},
+			&cli.BoolFlag{Name: "insecure-public-listen", Usage: "allow listeners beyond loopback without TLS and client auth"},
+			&cli.StringFlag{Name: "ready-file", Usage: "once serving, write the bound listen address to `FILE` (for --listen with port 0)"},
 		},
 		Action: serve,
 	}
+}
+
+func serve(c *cli.Context) error {
+	log, err := newLogger(c)
+	if err != nil {
+		return err
+	}
+	slog.SetDefault(log)
+	auth, err := newAuth(c)
+	if err != nil {
+		return err
+	}
+	d, err := daemon.New(daemon.Options{
+		Load:                 func() (config.Config, error) { return loadConfig(c) },
+		Auth:                 auth,
+		TLSCert:              c.String("tls-cert"),
+		TLSKey:               c.String("tls-key"),
+		InsecurePublicListen: c.Bool("insecure-public-listen"),
+		MetricsListen:        c.String("metrics-listen"),
+		DebugListen:          c.String("debug-listen"),
+		ReadyFile:            c.String("ready-file"),
+		Version:              version,
+		Logger:               log,
+	})
+	if err != nil {
+		return err
+	}
+	ctx, stop := signal.NotifyContext(c.Context, syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	return d.Run(ctx, hup)
 }
 
 // loadConfig builds the configuration from the file and the flags that override it. It
@@ -79,8 +100,7 @@ func loadConfig(c *cli.Context) (config.Config, error) {
 		return cfg, err
 	}
 	if c.IsSet("eager-fetch") {
-		n := c.Int("eager-fetch")
-		cfg.Cache.EagerFetch = &n
+		cfg.Cache.EagerFetch = c.Int("eager-fetch")
 	}
 	if err := cfg.Validate(); err != nil {
 		return cfg, fmt.Errorf("config: %w", err)
@@ -103,25 +123,6 @@ func newLogger(c *cli.Context) (*slog.Logger, error) {
 	return nil, fmt.Errorf("--log-format %q: want text or json", c.String("log-format"))
 }
 
-func newClients(cfg config.Config, log *slog.Logger, met *metrics.Metrics) (map[string]*upstream.Client, error) {
-	regs := map[string]*upstream.Client{}
-	for _, r := range cfg.Registries {
-		epCreds := map[string]upstream.Credentials{}
-		for _, ec := range r.EndpointCredentials {
-			epCreds[ec.Host] = upstream.Credentials{Username: ec.Username, Password: ec.Password}
-		}
-		cl, err := upstream.New(r.Name, r.Endpoints, r.Username, r.Password, upstream.Options{
-			UserAgent: "node-mirror/" + version, Logger: log, Observe: met.ObserveUpstream(r.Name),
-			EndpointCredentials: epCreds,
-		})
-		if err != nil {
-			return nil, err
-		}
-		regs[r.Name] = cl
-	}
-	return regs, nil
-}
-
 func newAuth(c *cli.Context) (server.Authenticator, error) {
 	switch h, t := c.String("htpasswd"), c.String("token-file"); {
 	case h != "" && t != "":
@@ -132,162 +133,6 @@ func newAuth(c *cli.Context) (server.Authenticator, error) {
 		return server.LoadTokenFile(t)
 	}
 	return nil, nil
-}
-
-func serve(c *cli.Context) error {
-	log, err := newLogger(c)
-	if err != nil {
-		return err
-	}
-	slog.SetDefault(log)
-	cfg, err := loadConfig(c)
-	if err != nil {
-		return err
-	}
-	auth, err := newAuth(c)
-	if err != nil {
-		return err
-	}
-	if (c.String("tls-cert") == "") != (c.String("tls-key") == "") {
-		return errors.New("--tls-cert and --tls-key go together")
-	}
-	if err := server.CheckExposure(cfg.Listen, c.String("tls-cert") != "", auth != nil, c.Bool("insecure-public-listen")); err != nil {
-		return err
-	}
-
-	store, err := contentstore.Open(cfg.DataDir)
-	if err != nil {
-		return err
-	}
-	defer store.Close()
-	store.SetBudget(budgetOf(cfg))
-
-	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	met := metrics.New(reg, func() (int64, int) {
-		b, n, _ := store.Usage(context.Background())
-		return b, n
-	})
-	metrics.RegisterCache(reg, store.CacheCounters)
-	regs, err := newClients(cfg, log, met)
-	if err != nil {
-		return err
-	}
-	m, err := mirror.New(mirror.Options{
-		Store:           store,
-		Registries:      regs,
-		DefaultRegistry: cfg.DefaultRegistry,
-		TagFreshness:    cfg.Cache.TagFreshness.Duration,
-		ListTTL:         cfg.Cache.ListTTL.Duration,
-		MaxManifestSize: cfg.Cache.MaxManifestSize,
-		EagerFetch:      eagerOf(cfg),
-		Logger:          log,
-		Metrics:         met,
-	})
-	if err != nil {
-		return err
-	}
-	defer m.Close()
-
-	metricsHandler := promhttp.HandlerFor(reg, promhttp.HandlerOpts{})
-	srvOpts := server.Options{Mirror: m, Admin: admin.Handler(m, log), Metrics: met, Logger: log, Auth: auth}
-	if c.String("metrics-listen") == "" {
-		srvOpts.MetricsHandler = metricsHandler
-	}
-	srv := server.New(srvOpts)
-
-	ln, err := net.Listen("tcp", cfg.Listen)
-	if err != nil {
-		return err
-	}
-	errc := make(chan error, 3)
-	go func() {
-		if cert := c.String("tls-cert"); cert != "" {
-			errc <- srv.ServeTLS(ln, cert, c.String("tls-key"))
-			return
-		}
-		errc <- srv.Serve(ln)
-	}()
-	side := map[string]http.Handler{"metrics-listen": metricsHandler, "debug-listen": debugMux()}
-	for flag, h := range side {
-		addr := c.String(flag)
-		if addr == "" {
-			continue
-		}
-		sln, err := net.Listen("tcp", addr)
-		if err != nil {
-			return fmt.Errorf("--%s: %w", flag, err)
-		}
-		s := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
-		defer s.Close()
-		go func() { errc <- s.Serve(sln) }()
-		log.Info("serving "+flag, "listen", sln.Addr().String())
-	}
-
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
-	defer stop()
-	go flushAccess(ctx, store, log)
-	go store.Janitor(ctx, time.Minute, func(rep contentstore.GCReport, err error) {
-		if err != nil {
-			log.Warn("cache collection failed", "err", err)
-			return
-		}
-		log.Info("cache collected", "evicted", len(rep.Evicted), "orphans", len(rep.Orphans),
-			"freed_bytes", rep.FreedBytes, "usage_bytes", rep.UsageAfter)
-	})
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
-
-	srv.SetReady(true)
-	if err := sdnotify.Ready(); err != nil {
-		log.Warn("telling systemd we are ready", "err", err)
-	}
-	log.Info("serving", "listen", ln.Addr().String(), "data_dir", cfg.DataDir, "registries", registryNames(cfg), "default", cfg.DefaultRegistry)
-
-	for {
-		select {
-		case err := <-errc:
-			return err
-		case <-hup:
-			reload(c, cfg, m, log, met)
-			continue
-		case <-ctx.Done():
-		}
-		break
-	}
-	log.Info("shutting down")
-	sdnotify.Stopping()
-	sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	if err := srv.Shutdown(sctx); err != nil && !errors.Is(err, context.DeadlineExceeded) {
-		return err
-	}
-	return nil
-}
-
-// reload applies a changed config file. A broken file changes nothing: the old
-// configuration stays and the error is logged. Listen address and data dir need a restart.
-func reload(c *cli.Context, running config.Config, m *mirror.Mirror, log *slog.Logger, met *metrics.Metrics) {
-	cfg, err := loadConfig(c)
-	if err == nil {
-		var regs map[string]*upstream.Client
-		if regs, err = newClients(cfg, log, met); err == nil {
-			err = m.Reconfigure(regs, cfg.DefaultRegistry, cfg.Cache.TagFreshness.Duration, cfg.Cache.ListTTL.Duration)
-		}
-	}
-	if err == nil {
-		m.Store().SetBudget(budgetOf(cfg))
-	}
-	met.ConfigReload(err == nil)
-	if err != nil {
-		log.Error("config reload rejected, keeping the running configuration", "err", err)
-		return
-	}
-	if cfg.Listen != running.Listen || cfg.DataDir != running.DataDir {
-		log.Warn("listen and data_dir changes take effect on restart")
-	}
-	log.Info("config reloaded", "registries", registryNames(cfg), "default", cfg.DefaultRegistry)
 }
 
 // budgetFlags applies --max-size and --min-free over the config file.
@@ -302,57 +147,4 @@ func budgetFlags(c *cli.Context, cfg *config.Config) error {
 		}
 	}
 	return nil
-}
-
-func budgetOf(cfg config.Config) contentstore.Budget {
-	return contentstore.Budget{
-		MaxBytes: cfg.Cache.MaxSize.Bytes, MaxPercent: cfg.Cache.MaxSize.Percent,
-		MinFreeBytes: cfg.Cache.MinFree.Bytes, MinFreePercent: cfg.Cache.MinFree.Percent,
-		OrphanGrace: cfg.Cache.OrphanGrace.Duration,
-	}
-}
-
-func eagerOf(cfg config.Config) int {
-	if cfg.Cache.EagerFetch == nil {
-		return 0 // the mirror's default
-	}
-	if *cfg.Cache.EagerFetch == 0 {
-		return -1 // off
-	}
-	return *cfg.Cache.EagerFetch
-}
-
-func registryNames(cfg config.Config) []string {
-	names := make([]string, 0, len(cfg.Registries))
-	for _, r := range cfg.Registries {
-		names = append(names, r.Name)
-	}
-	return names
-}
-
-// debugMux serves net/http/pprof without registering it on the default mux.
-func debugMux() *http.ServeMux {
-	mux := http.NewServeMux()
-	mux.HandleFunc("/debug/pprof/", pprof.Index)
-	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
-	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
-	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
-	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
-	return mux
-}
-
-// flushAccess persists last-access times in batches, off the request path.
-func flushAccess(ctx context.Context, store *contentstore.Store, log *slog.Logger) {
-	t := time.NewTicker(30 * time.Second)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-			if err := store.FlushAccess(); err != nil {
-				log.Warn("flushing access times", "err", err)
-			}
-		}
-	}
 }

@@ -39,7 +39,7 @@ func statusCommand() *cli.Command {
 			if c.Bool("json") {
 				return writeJSON(c, st)
 			}
-			admin.WriteStatus(c.App.Writer, st)
+			writeStatus(c.App.Writer, st)
 			return nil
 		},
 	}

@@ -2,10 +2,10 @@ package testenv
 
 import (
 	"bytes"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"syscall"
@@ -58,10 +58,11 @@ func Bin(t testing.TB) string {
 	return bin
 }
 
-// StartMirror runs node-mirror serve on a free loopback port and returns once GET /v2/
-// answers 200. Its output goes to the test log. At the end of the test it is stopped with
-// SIGTERM, and the test fails if it does not exit cleanly (a race build exits non-zero when
-// it found a race).
+// StartMirror runs node-mirror serve on loopback port 0 and returns once it has written
+// the address it bound to its --ready-file and GET /v2/ answers 200 there: no port is
+// picked in advance, so none can be taken by someone else first. Its output goes to the
+// test log. At the end of the test it is stopped with SIGTERM, and the test fails if it
+// does not exit cleanly (a race build exits non-zero when it found a race).
 func StartMirror(t testing.TB, opts MirrorOptions) *Mirror {
 	t.Helper()
 	bin := Bin(t)
@@ -71,31 +72,15 @@ func StartMirror(t testing.TB, opts MirrorOptions) *Mirror {
 	if opts.LogLevel == "" {
 		opts.LogLevel = "info"
 	}
-	// A port from FreeAddr can be taken by someone else before the daemon binds it; try
-	// again with another one when that is what happened.
-	for attempt := 0; ; attempt++ {
-		m, retry := startMirror(t, bin, opts)
-		if m != nil {
-			return m
-		}
-		if !retry || attempt == 2 {
-			t.Fatal("node-mirror did not start; its output is above")
-		}
-	}
-}
-
-func startMirror(t testing.TB, bin string, opts MirrorOptions) (m *Mirror, retry bool) {
-	t.Helper()
-	addr := FreeAddr(t)
-	args := []string{"serve", "--listen", addr, "--data-dir", opts.DataDir, "--log-level", opts.LogLevel}
+	ready := filepath.Join(t.TempDir(), "ready")
+	args := []string{"serve", "--listen", "127.0.0.1:0", "--ready-file", ready, "--data-dir", opts.DataDir, "--log-level", opts.LogLevel}
 	for _, u := range opts.Upstreams {
 		args = append(args, "--upstream", u)
 	}
 	args = append(args, opts.Args...)
-	m = &Mirror{
-		Addr: addr, URL: "http://" + addr, DataDir: opts.DataDir,
-		t: t, done: make(chan struct{}),
-		log: &lineLogger{t: t, prefix: "node-mirror " + addr + ": "},
+	m := &Mirror{
+		DataDir: opts.DataDir, t: t, done: make(chan struct{}),
+		log: &lineLogger{t: t, prefix: "node-mirror: "},
 	}
 	m.cmd = exec.Command(bin, args...)
 	m.cmd.Stdout = m.log
@@ -112,29 +97,34 @@ func startMirror(t testing.TB, bin string, opts MirrorOptions) (m *Mirror, retry
 	}()
 
 	deadline := time.Now().Add(60 * time.Second) // a race build on a busy machine is slow to start
-	client := &http.Client{Timeout: 2 * time.Second}
 	for {
-		resp, err := client.Get(m.URL + "/v2/")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				break
-			}
+		if b, err := os.ReadFile(ready); err == nil {
+			m.Addr = strings.TrimSpace(string(b))
+			break
 		}
 		select {
 		case <-m.done:
-			t.Logf("node-mirror exited before it answered GET /v2/: %v", m.cmd.ProcessState)
-			return nil, m.log.contains("address already in use")
-		case <-time.After(50 * time.Millisecond):
+			t.Fatalf("node-mirror exited before it was ready (%v); its output is above", m.cmd.ProcessState)
+		case <-time.After(20 * time.Millisecond):
 		}
 		if time.Now().After(deadline) {
 			m.cmd.Process.Kill()
 			<-m.done
-			t.Fatalf("node-mirror on %s did not answer GET /v2/ with 200 within a minute (last: %v)", addr, err)
+			t.Fatal("node-mirror did not write its --ready-file within a minute; its output is above")
 		}
 	}
+	m.URL = "http://" + m.Addr
+	m.log.setPrefix("node-mirror " + m.Addr + ": ")
 	t.Cleanup(m.Stop)
-	return m, false
+	resp, err := (&http.Client{Timeout: 30 * time.Second}).Get(m.URL + "/v2/")
+	if err != nil {
+		t.Fatalf("node-mirror said it serves on %s, but: %v", m.Addr, err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("node-mirror on %s: GET /v2/ answered %s", m.Addr, resp.Status)
+	}
+	return m
 }
 
 // Stop sends SIGTERM and waits for the process to exit; the test fails if it exits with an
@@ -187,33 +177,18 @@ func (m *Mirror) Exited() bool {
 	}
 }
 
-// FreeAddr is a loopback host:port that was free a moment ago.
-func FreeAddr(t testing.TB) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
-}
-
 // lineLogger writes a process's output to the test log a line at a time.
 type lineLogger struct {
 	t      testing.TB
 	prefix string
 
-	mu   sync.Mutex
-	buf  []byte
-	seen bytes.Buffer // the first 64 KiB, for contains
+	mu  sync.Mutex
+	buf []byte
 }
 
 func (l *lineLogger) Write(p []byte) (int, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if l.seen.Len() < 1<<16 {
-		l.seen.Write(p)
-	}
 	l.buf = append(l.buf, p...)
 	for {
 		i := bytes.IndexByte(l.buf, '\n')
@@ -226,6 +201,12 @@ func (l *lineLogger) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
+func (l *lineLogger) setPrefix(p string) {
+	l.mu.Lock()
+	l.prefix = p
+	l.mu.Unlock()
+}
+
 // flush logs a last line that did not end in a newline.
 func (l *lineLogger) flush() {
 	l.mu.Lock()
@@ -234,10 +215,4 @@ func (l *lineLogger) flush() {
 		l.t.Log(l.prefix + string(l.buf))
 		l.buf = nil
 	}
-}
-
-func (l *lineLogger) contains(s string) bool {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return bytes.Contains(l.seen.Bytes(), []byte(s))
 }

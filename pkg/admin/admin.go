@@ -1,6 +1,6 @@
 // Package admin is node-mirror's small operator API, served on the main port outside
-// /v2/: GET /admin/status and POST /admin/gc[?dry_run=true]. It also holds the client the
-// CLI uses for it and the renderings the CLI prints.
+// /v2/: GET /admin/status and POST /admin/gc[?dry_run=true], and the client the CLI uses
+// for it. Answers are JSON; errors are OCI error envelopes like the rest of the daemon's.
 package admin
 
 import (
@@ -14,7 +14,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/node-mirror/node-mirror/pkg/config"
+	"github.com/node-mirror/node-mirror/internal/wire"
 	"github.com/node-mirror/node-mirror/pkg/contentstore"
 	"github.com/node-mirror/node-mirror/pkg/mirror"
 )
@@ -37,32 +37,43 @@ func Handler(m *mirror.Mirror, log *slog.Logger) http.Handler {
 	mux.HandleFunc("GET /admin/status", func(w http.ResponseWriter, r *http.Request) {
 		st, err := m.Store().Stats(r.Context(), TopRepos)
 		if err != nil {
-			http.Error(w, err.Error(), http.StatusInternalServerError)
+			fail(w, r, log, "reading cache statistics", err)
 			return
 		}
 		ms := m.Stats()
-		writeJSON(w, Status{Source: "daemon", Store: st, Mirror: &ms})
+		wire.JSON(w, r, http.StatusOK, Status{Source: "daemon", Store: st, Mirror: &ms})
 	})
 	mux.HandleFunc("POST /admin/gc", func(w http.ResponseWriter, r *http.Request) {
 		dry, _ := strconv.ParseBool(r.URL.Query().Get("dry_run"))
 		rep, err := m.Store().Collect(r.Context(), dry)
 		if err != nil {
-			http.Error(w, err.Error(), http.StatusInternalServerError)
+			fail(w, r, log, "collecting the cache", err)
 			return
 		}
 		if log != nil {
 			log.Info("gc on request", "dry_run", dry, "evicted", len(rep.Evicted), "orphans", len(rep.Orphans), "freed_bytes", rep.FreedBytes)
 		}
-		writeJSON(w, rep)
+		wire.JSON(w, r, http.StatusOK, rep)
+	})
+	// Anything else under /admin/ gets an envelope too, not the mux's plain text.
+	allow := map[string]string{"/admin/status": http.MethodGet, "/admin/gc": http.MethodPost}
+	mux.HandleFunc("/admin/", func(w http.ResponseWriter, r *http.Request) {
+		if m, ok := allow[r.URL.Path]; ok {
+			wire.Write(w, r, wire.Unsupported.With("use "+m+" "+r.URL.Path).WithHeader("Allow", m))
+			return
+		}
+		wire.Write(w, r, wire.NotFound)
 	})
 	return mux
 }
 
-func writeJSON(w http.ResponseWriter, v any) {
-	w.Header().Set("Content-Type", "application/json")
-	enc := json.NewEncoder(w)
-	enc.SetIndent("", "  ")
-	enc.Encode(v)
+// fail logs a failed admin request once, here, and answers UNKNOWN with what failed: the
+// admin API is the operator's, behind the same auth as pulls.
+func fail(w http.ResponseWriter, r *http.Request, log *slog.Logger, what string, err error) {
+	if log != nil {
+		log.Error("admin request failed", "path", r.URL.Path, "err", err)
+	}
+	wire.Write(w, r, wire.Unknown.With(what+": "+err.Error()))
 }
 
 // Client talks to a running mirror's admin API.
@@ -87,7 +98,12 @@ func (c *Client) do(ctx context.Context, method, path string, out any) error {
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
 		b, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
-		return fmt.Errorf("node-mirror at %s: %s: %s", c.URL, resp.Status, strings.TrimSpace(string(b)))
+		msg := strings.TrimSpace(string(b))
+		var env wire.Envelope
+		if json.Unmarshal(b, &env) == nil && len(env.Errors) > 0 {
+			msg = env.Errors[0].Code + ": " + env.Errors[0].Message
+		}
+		return fmt.Errorf("node-mirror at %s: %s: %s", c.URL, resp.Status, msg)
 	}
 	return json.NewDecoder(resp.Body).Decode(out)
 }
@@ -104,76 +120,4 @@ func (c *Client) GC(ctx context.Context, dryRun bool) (contentstore.GCReport, er
 	var rep contentstore.GCReport
 	err := c.do(ctx, http.MethodPost, "/admin/gc?dry_run="+strconv.FormatBool(dryRun), &rep)
 	return rep, err
-}
-
-// WriteStatus prints st as a table for people.
-func WriteStatus(w io.Writer, st Status) {
-	s := st.Store
-	fb := config.FormatBytes
-	budget := "none"
-	if s.MaxBytes > 0 {
-		budget = fmt.Sprintf("%s (%.0f%% used)", fb(s.MaxBytes), 100*float64(s.Bytes)/float64(s.MaxBytes))
-	}
-	minFree := "none"
-	if s.MinFreeBytes > 0 {
-		minFree = fb(s.MinFreeBytes)
-	}
-	fmt.Fprintf(w, "source          %s\n", st.Source)
-	fmt.Fprintf(w, "size            %s in %d blobs\n", fb(s.Bytes), s.Entries)
-	fmt.Fprintf(w, "budget          %s\n", budget)
-	fmt.Fprintf(w, "min free        %s (filesystem: %s free of %s)\n", minFree, fb(s.FSFreeBytes), fb(s.FSBytes))
-	fmt.Fprintf(w, "in flight       %s reserved, %d ingests (%s)\n", fb(s.InFlight), s.Ingests, fb(s.IngestBytes))
-	fmt.Fprintf(w, "evicted         %d blobs, %s (since start)\n", s.EvictedBlobs, fb(s.EvictedBytes))
-	if m := st.Mirror; m != nil {
-		served := m.Hits + m.Stale + m.Misses + m.PassThrough
-		ratio := "n/a"
-		if served > 0 {
-			ratio = fmt.Sprintf("%.1f%%", 100*float64(m.Hits+m.Stale)/float64(served))
-		}
-		fmt.Fprintf(w, "hit ratio       %s (%d hits, %d stale, %d misses, %d passed through, %d errors since %s)\n",
-			ratio, m.Hits, m.Stale, m.Misses, m.PassThrough, m.Errors, m.Since.Format(time.RFC3339))
-		fmt.Fprintf(w, "bytes saved     %s served from cache\n", fb(m.BytesSaved))
-	} else {
-		fmt.Fprintf(w, "hit ratio       n/a (no daemon: read from the data dir)\n")
-	}
-	table := func(title string, rows []contentstore.RepoStats) {
-		fmt.Fprintf(w, "\n%-48s %12s %7s %8s\n", title, "SIZE", "BLOBS", "HITS")
-		if len(rows) == 0 {
-			fmt.Fprintln(w, "(none)")
-		}
-		for _, r := range rows {
-			fmt.Fprintf(w, "%-48s %12s %7d %8d\n", r.Repo, fb(r.Bytes), r.Blobs, r.Hits)
-		}
-	}
-	table("TOP REPOSITORIES BY SIZE", s.TopBySize)
-	table("TOP REPOSITORIES BY HITS", s.TopByHits)
-}
-
-// WriteGC prints what a collection freed (or would free).
-func WriteGC(w io.Writer, rep contentstore.GCReport) {
-	verb := "evicted"
-	if rep.DryRun {
-		verb = "would evict"
-	}
-	for _, e := range rep.Evicted {
-		repo := ""
-		if len(e.Repos) > 0 {
-			repo = e.Repos[0]
-		}
-		fmt.Fprintf(w, "%s %s %10s  last used %s  %s\n", verb, e.Digest, config.FormatBytes(e.Size), e.LastAccess.Format(time.RFC3339), repo)
-	}
-	orphanVerb := "removed"
-	if rep.DryRun {
-		orphanVerb = "would remove"
-	}
-	for _, o := range rep.Orphans {
-		fmt.Fprintf(w, "%s orphaned download %s %s (idle since %s)\n", orphanVerb, o.Ref, config.FormatBytes(o.Size), o.UpdatedAt.Format(time.RFC3339))
-	}
-	total := "freed"
-	if rep.DryRun {
-		total = "would free"
-	}
-	fmt.Fprintf(w, "%s %s (%d bytes): %d blobs, %d orphaned downloads, %d stale index entries; cache %s -> %s\n",
-		total, config.FormatBytes(rep.FreedBytes), rep.FreedBytes, len(rep.Evicted), len(rep.Orphans), rep.StaleIndex,
-		config.FormatBytes(rep.UsageBefore), config.FormatBytes(rep.UsageAfter))
 }

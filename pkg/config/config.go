@@ -34,7 +34,7 @@ type Cache struct {
 	// TagFreshness is how long a tag's cached digest is served without asking upstream.
 	// Zero revalidates every tag request with a HEAD.
 	TagFreshness Duration `toml:"tag_freshness"`
-	// ListTTL bounds how long tag lists and referrers answers are reused.
+	// ListTTL bounds how long tag lists and referrers answers are reused; positive.
 	ListTTL Duration `toml:"list_ttl"`
 	// MaxManifestSize refuses larger manifests; 4 MiB is what registries accept.
 	MaxManifestSize int64 `toml:"max_manifest_size"`
@@ -44,11 +44,12 @@ type Cache struct {
 	// MinFree keeps this much of the filesystem free ("5GiB" or "10%"); the cache evicts,
 	// then passes content through uncached, rather than fill the disk.
 	MinFree Size `toml:"min_free"`
-	// OrphanGrace is how long a download interrupted by a crash is kept to be resumed.
+	// OrphanGrace is how long a download interrupted by a crash is kept to be resumed;
+	// positive.
 	OrphanGrace Duration `toml:"orphan_grace"`
 	// EagerFetch is how many layers of a requested image are fetched ahead of the engine
 	// at once; 0 turns it off.
-	EagerFetch *int `toml:"eager_fetch"`
+	EagerFetch int `toml:"eager_fetch"`
 }
 
 // Size is a byte count ("20GiB", "512MB", "1000") or a percentage of the data dir's
@@ -61,11 +62,21 @@ type Size struct {
 // IsZero reports an unset size.
 func (s Size) IsZero() bool { return s.Bytes == 0 && s.Percent == 0 }
 
+// String writes s so that ParseSize reads it back exactly: in the largest binary unit
+// that divides it, else in bytes.
 func (s Size) String() string {
 	if s.Percent > 0 {
 		return strconv.FormatFloat(s.Percent, 'f', -1, 64) + "%"
 	}
-	return FormatBytes(s.Bytes)
+	for _, u := range []struct {
+		suffix string
+		n      int64
+	}{{"TiB", 1 << 40}, {"GiB", 1 << 30}, {"MiB", 1 << 20}, {"KiB", 1 << 10}} {
+		if s.Bytes != 0 && s.Bytes%u.n == 0 {
+			return strconv.FormatInt(s.Bytes/u.n, 10) + u.suffix
+		}
+	}
+	return strconv.FormatInt(s.Bytes, 10)
 }
 
 var sizeUnits = []struct {
@@ -113,20 +124,6 @@ func (s *Size) UnmarshalText(b []byte) error {
 
 // MarshalText writes a Size.
 func (s Size) MarshalText() ([]byte, error) { return []byte(s.String()), nil }
-
-// FormatBytes writes n in binary units ("1.5 GiB").
-func FormatBytes(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := int64(unit), 0
-	for m := n / unit; m >= unit && exp < 4; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTP"[exp])
-}
 
 // Registry is one upstream registry as clients name it, and where to reach it.
 type Registry struct {
@@ -179,7 +176,7 @@ func Default() Config {
 			ListTTL:         Duration{30 * time.Second},
 			MaxManifestSize: 4 << 20,
 			OrphanGrace:     Duration{time.Hour},
-			EagerFetch:      ptr(4),
+			EagerFetch:      4,
 		},
 	}
 	for _, name := range DefaultRegistries {
@@ -188,19 +185,22 @@ func Default() Config {
 	return c
 }
 
-func ptr[T any](v T) *T { return &v }
-
-// Load reads a TOML file over the defaults. Unknown keys are errors, so typos do not
-// silently fall back to defaults.
+// Load reads a TOML file over the defaults: a key the file sets has the file's value,
+// zero included ("0s" is a duration like any other), and a key it leaves out keeps its
+// default. Unknown keys are errors, so typos do not silently fall back to defaults.
 func Load(path string) (Config, error) {
-	c := Default()
 	b, err := os.ReadFile(path)
 	if err != nil {
-		return c, fmt.Errorf("reading config: %w", err)
+		return Default(), fmt.Errorf("reading config: %w", err)
 	}
+	c := Default()
+	// The file's registries replace the default list as a whole; decoding into the
+	// defaults' entries would mix the two.
+	defaultRegistries := c.Registries
+	c.Registries = nil
 	dec := toml.NewDecoder(strings.NewReader(string(b))).DisallowUnknownFields()
-	var file Config
-	if err := dec.Decode(&file); err != nil {
+	if err := dec.Decode(&c); err != nil {
+		c = Default()
 		var sme *toml.StrictMissingError
 		if errors.As(err, &sme) && len(sme.Errors) > 0 {
 			de := sme.Errors[0]
@@ -214,45 +214,10 @@ func Load(path string) (Config, error) {
 		}
 		return c, fmt.Errorf("%s: %w", path, err)
 	}
-	merge(&c, file)
+	if c.Registries == nil {
+		c.Registries = defaultRegistries
+	}
 	return c, nil
-}
-
-// merge overlays the values set in f onto c.
-func merge(c *Config, f Config) {
-	if f.Listen != "" {
-		c.Listen = f.Listen
-	}
-	if f.DataDir != "" {
-		c.DataDir = f.DataDir
-	}
-	if f.DefaultRegistry != "" {
-		c.DefaultRegistry = f.DefaultRegistry
-	}
-	if f.Cache.TagFreshness.Duration != 0 {
-		c.Cache.TagFreshness = f.Cache.TagFreshness
-	}
-	if f.Cache.ListTTL.Duration != 0 {
-		c.Cache.ListTTL = f.Cache.ListTTL
-	}
-	if f.Cache.MaxManifestSize != 0 {
-		c.Cache.MaxManifestSize = f.Cache.MaxManifestSize
-	}
-	if !f.Cache.MaxSize.IsZero() {
-		c.Cache.MaxSize = f.Cache.MaxSize
-	}
-	if !f.Cache.MinFree.IsZero() {
-		c.Cache.MinFree = f.Cache.MinFree
-	}
-	if f.Cache.OrphanGrace.Duration != 0 {
-		c.Cache.OrphanGrace = f.Cache.OrphanGrace
-	}
-	if f.Cache.EagerFetch != nil {
-		c.Cache.EagerFetch = f.Cache.EagerFetch
-	}
-	if len(f.Registries) > 0 {
-		c.Registries = f.Registries
-	}
 }
 
 // SetUpstreams replaces the registry list with NAME=URL pairs from the command line.
@@ -291,7 +256,16 @@ func (c *Config) Validate() error {
 	if c.Cache.MaxManifestSize <= 0 {
 		return errors.New("cache.max_manifest_size must be positive")
 	}
-	if c.Cache.EagerFetch != nil && *c.Cache.EagerFetch < 0 {
+	if c.Cache.TagFreshness.Duration < 0 {
+		return errors.New("cache.tag_freshness must be 0 (revalidate every request) or more")
+	}
+	if c.Cache.ListTTL.Duration <= 0 {
+		return errors.New("cache.list_ttl must be positive")
+	}
+	if c.Cache.OrphanGrace.Duration <= 0 {
+		return errors.New("cache.orphan_grace must be positive")
+	}
+	if c.Cache.EagerFetch < 0 {
 		return errors.New("cache.eager_fetch must be 0 (off) or more")
 	}
 	seen := map[string]bool{}

@@ -202,10 +202,10 @@ eager_fetch = 0
 		t.Fatal(err)
 	}
 	if c.Cache.MaxSize != (Size{Bytes: 20 << 30}) || c.Cache.MinFree != (Size{Percent: 10}) ||
-		c.Cache.OrphanGrace.Duration != 30*time.Minute || *c.Cache.EagerFetch != 0 {
+		c.Cache.OrphanGrace.Duration != 30*time.Minute || c.Cache.EagerFetch != 0 {
 		t.Fatalf("cache: %+v", c.Cache)
 	}
-	if d := Default(); !d.Cache.MaxSize.IsZero() || *d.Cache.EagerFetch != 4 {
+	if d := Default(); !d.Cache.MaxSize.IsZero() || d.Cache.EagerFetch != 4 {
 		t.Fatalf("defaults: %+v", d.Cache)
 	}
 	for in, want := range map[string]Size{
@@ -223,5 +223,72 @@ eager_fetch = 0
 	}
 	if _, err := Load(write(t, "[cache]\nmax_size = \"big\"\n")); err == nil || !strings.Contains(err.Error(), "big") {
 		t.Errorf("bad max_size: %v", err)
+	}
+}
+
+// TestLoadKeepsWhatTheFileSays: a key the file sets has the file's value, zero included;
+// one it leaves out keeps its default; values the daemon cannot honour are errors from
+// Validate, never silently replaced.
+func TestLoadKeepsWhatTheFileSays(t *testing.T) {
+	def := Default()
+	for _, tc := range []struct {
+		name, body string
+		check      func(c Config) bool
+		invalid    bool // Validate refuses it
+	}{
+		{"tag_freshness 0s revalidates every request", "[cache]\ntag_freshness = \"0s\"\n",
+			func(c Config) bool { return c.Cache.TagFreshness.Duration == 0 }, false},
+		{"eager_fetch 0 is off", "[cache]\neager_fetch = 0\n",
+			func(c Config) bool { return c.Cache.EagerFetch == 0 }, false},
+		{"eager_fetch 2", "[cache]\neager_fetch = 2\n",
+			func(c Config) bool { return c.Cache.EagerFetch == 2 }, false},
+		{"unset keys keep their defaults", "[cache]\nlist_ttl = \"1m\"\n",
+			func(c Config) bool {
+				return c.Cache.ListTTL.Duration == time.Minute && c.Cache.TagFreshness == def.Cache.TagFreshness &&
+					c.Cache.EagerFetch == 4 && c.Cache.MaxManifestSize == def.Cache.MaxManifestSize &&
+					c.Listen == def.Listen && len(c.Registries) == len(DefaultRegistries)
+			}, false},
+		{"empty default_registry: requests naming none are refused", "default_registry = \"\"\n",
+			func(c Config) bool { return c.DefaultRegistry == "" }, false},
+		{"registries replace the defaults whole", "[[registry]]\nname = \"quay.io\"\n",
+			func(c Config) bool {
+				return len(c.Registries) == 1 && c.Registries[0].Name == "quay.io" && c.Registries[0].Endpoints[0] == "https://quay.io"
+			}, false},
+		{"list_ttl 0s", "[cache]\nlist_ttl = \"0s\"\n", nil, true},
+		{"orphan_grace 0s", "[cache]\norphan_grace = \"0s\"\n", nil, true},
+		{"max_manifest_size 0", "[cache]\nmax_manifest_size = 0\n", nil, true},
+		{"negative tag_freshness", "[cache]\ntag_freshness = \"-1s\"\n", nil, true},
+		{"negative eager_fetch", "[cache]\neager_fetch = -1\n", nil, true},
+		{"empty listen", "listen = \"\"\n", nil, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := Load(write(t, tc.body))
+			if err != nil {
+				t.Fatal(err)
+			}
+			err = c.Validate()
+			if tc.invalid {
+				if err == nil {
+					t.Fatalf("accepted: %+v", c.Cache)
+				}
+				return
+			}
+			if err != nil || !tc.check(c) {
+				t.Fatalf("%+v, %v", c, err)
+			}
+		})
+	}
+}
+
+func TestSizeRoundTrips(t *testing.T) {
+	for _, in := range []string{"20GiB", "512MB", "1000", "1.5GiB", "7K", "10%", "2.5%", "3TiB", "1"} {
+		s, err := ParseSize(in)
+		if err != nil {
+			t.Fatal(err)
+		}
+		back, err := ParseSize(s.String())
+		if err != nil || back != s {
+			t.Errorf("%s -> %q -> %+v, %v; want %+v", in, s.String(), back, err, s)
+		}
 	}
 }

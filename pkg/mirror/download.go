@@ -73,12 +73,14 @@ func (m *Mirror) joinDownload(rt route, eager bool) *download {
 	m.downloads[key] = d
 	m.opts.Metrics.DownloadStarted()
 	m.wg.Add(1)
+	rt.policy.hold() // the download outlives the request, and keeps using rt.client
 	go m.runDownload(d, rt)
 	return d
 }
 
 func (m *Mirror) runDownload(d *download, rt route) {
 	defer m.wg.Done()
+	defer rt.policy.release()
 	err := m.fetchBlob(d, rt)
 	if isNoStore(err) {
 		m.log.Debug("blob not stored", "registry", rt.registry, "repo", rt.repo, "digest", d.dgst, "err", err)

@@ -20,7 +20,7 @@ type eagerJob struct {
 // digest, so a request arriving later joins it.
 func (m *Mirror) eagerFrom(rt route, mf *manifest) {
 	m.noteSizes(mf.body, mf.mediaType)
-	if m.eager == nil {
+	if !m.eagerOn.Load() {
 		return
 	}
 	var doc struct {
@@ -71,11 +71,42 @@ func (m *Mirror) eagerFrom(rt route, mf *manifest) {
 	}
 }
 
-func (m *Mirror) eagerWorker() {
+// setEagerWorkers starts or stops workers until n run (none for n <= 0); a reload
+// changes the number.
+func (m *Mirror) setEagerWorkers(n int) {
+	m.eagerMu.Lock()
+	defer m.eagerMu.Unlock()
+	for len(m.eagerStops) < n {
+		stop := make(chan struct{})
+		m.eagerStops = append(m.eagerStops, stop)
+		m.wg.Add(1)
+		go m.eagerWorker(stop)
+	}
+	for len(m.eagerStops) > max(n, 0) {
+		last := len(m.eagerStops) - 1
+		close(m.eagerStops[last]) // a worker busy with a job finishes it first
+		m.eagerStops = m.eagerStops[:last]
+	}
+	m.eagerOn.Store(n > 0)
+	if n <= 0 {
+		for { // turned off: what was queued would otherwise run when it is turned on again
+			select {
+			case <-m.eager:
+				continue
+			default:
+			}
+			break
+		}
+	}
+}
+
+func (m *Mirror) eagerWorker(stop <-chan struct{}) {
 	defer m.wg.Done()
 	for {
 		select {
 		case <-m.ctx.Done():
+			return
+		case <-stop:
 			return
 		case j := <-m.eager:
 			m.eagerFetch(j)
@@ -84,7 +115,15 @@ func (m *Mirror) eagerWorker() {
 }
 
 func (m *Mirror) eagerFetch(j eagerJob) {
+	// Queued work runs with the registries configured now: a reload in between must not
+	// keep the old ones in use.
+	pol := m.policy.Load()
 	rt := j.rt
+	if rt.client, rt.policy = pol.registries[rt.registry], pol; rt.client == nil {
+		return // the registry was configured away
+	}
+	pol.hold()
+	defer pol.release()
 	rt.ref, rt.digest = j.dgst.String(), j.dgst
 	if j.manifest {
 		rt.kind = kindManifests
@@ -120,7 +159,7 @@ func (m *Mirror) noteEagerLocked(dgst digest.Digest) {
 // served: its first request is then a miss (upstream was needed for this pull), not a
 // hit, so hit ratios and saved bytes stay honest.
 func (m *Mirror) takeEager(dgst digest.Digest) bool {
-	if m.eager == nil {
+	if !m.eagerOn.Load() {
 		return false
 	}
 	m.mu.Lock()

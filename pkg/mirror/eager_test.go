@@ -54,7 +54,7 @@ func TestEagerLayerFetch(t *testing.T) {
 	)
 	ref := up.host() + "/library/multi:v1"
 	pushIndex(t, ref, idx)
-	tm := newMirror(t, map[string][]string{"docker.io": {up.srv.URL}}, func(o *Options) { o.Platform = "linux/amd64" })
+	tm := newMirror(t, map[string][]string{"docker.io": {up.srv.URL}}, func(o *Options) { o.Platform, o.EagerFetch = "linux/amd64", 4 })
 
 	if resp, _ := tm.get(t, http.MethodGet, "/v2/library/multi/manifests/v1"); resp.StatusCode != 200 {
 		t.Fatalf("index: %d", resp.StatusCode)
@@ -77,7 +77,7 @@ func TestEagerLayerFetch(t *testing.T) {
 		t.Fatalf("the pull after eager fetching made %d more blob GETs", n-gets)
 	}
 
-	off := newMirror(t, map[string][]string{"docker.io": {up.srv.URL}}, func(o *Options) { o.EagerFetch = -1 })
+	off := newMirror(t, map[string][]string{"docker.io": {up.srv.URL}}, func(o *Options) { o.EagerFetch = 0 })
 	before := up.blobGets()
 	off.get(t, http.MethodGet, "/v2/library/multi/manifests/"+ad.String())
 	time.Sleep(200 * time.Millisecond)

@@ -1,37 +1,30 @@
 package mirror
 
 import (
-	"encoding/json"
 	"errors"
+	"fmt"
 	"net/http"
 	"strconv"
 
+	"github.com/node-mirror/node-mirror/internal/wire"
 	"github.com/node-mirror/node-mirror/pkg/contentstore"
 	"github.com/node-mirror/node-mirror/pkg/upstream"
 )
 
-// wireError is one entry of the OCI distribution error envelope plus its HTTP status.
-type wireError struct {
-	status  int
-	code    string
-	message string
-	header  http.Header
-}
-
-// The codes we send, registered once (status, code, message) as the spec lists them.
+// The wire errors the mirror sends: the registered codes with what they mean here.
 var (
-	errNameInvalid      = wireError{status: http.StatusBadRequest, code: "NAME_INVALID", message: "invalid repository name"}
-	errNameUnknown      = wireError{status: http.StatusNotFound, code: "NAME_UNKNOWN", message: "repository name not known to registry"}
-	errDigestInvalid    = wireError{status: http.StatusBadRequest, code: "DIGEST_INVALID", message: "invalid digest: want <algorithm>:<hex> with sha256 or sha512"}
-	errManifestUnknown  = wireError{status: http.StatusNotFound, code: "MANIFEST_UNKNOWN", message: "manifest unknown"}
-	errManifestInvalid  = wireError{status: http.StatusBadGateway, code: "MANIFEST_INVALID", message: "manifest invalid"}
-	errBlobUnknown      = wireError{status: http.StatusNotFound, code: "BLOB_UNKNOWN", message: "blob unknown to registry"}
-	errUnsupported      = wireError{status: http.StatusMethodNotAllowed, code: "UNSUPPORTED", message: "the operation is unsupported: this is a read-only pull-through mirror"}
-	errNotFound         = wireError{status: http.StatusNotFound, code: "NOT_FOUND", message: "no such endpoint"}
-	errTooManyRequests  = wireError{status: http.StatusTooManyRequests, code: "TOOMANYREQUESTS", message: "upstream registry is rate-limiting"}
-	errDenied           = wireError{status: http.StatusForbidden, code: "DENIED", message: "upstream registry denied access"}
-	errUnavailable      = wireError{status: http.StatusServiceUnavailable, code: "UNAVAILABLE", message: "upstream registry unavailable and content not cached"}
-	errUpstreamMismatch = wireError{status: http.StatusBadGateway, code: "DIGEST_INVALID", message: "upstream content does not match its digest"}
+	errNameInvalid      = wire.NameInvalid
+	errNameUnknown      = wire.NameUnknown
+	errDigestInvalid    = wire.DigestInvalid.With("invalid digest: want <algorithm>:<hex> with sha256 or sha512")
+	errManifestUnknown  = wire.ManifestUnknown
+	errManifestInvalid  = wire.ManifestInvalid.WithStatus(http.StatusBadGateway)
+	errBlobUnknown      = wire.BlobUnknown
+	errUnsupported      = wire.Unsupported.With("the operation is unsupported: this is a read-only pull-through mirror").WithHeader("Allow", "GET, HEAD")
+	errNotFound         = wire.NotFound
+	errTooManyRequests  = wire.TooManyRequests.With("upstream registry is rate-limiting")
+	errDenied           = wire.Denied.With("upstream registry denied access")
+	errUnavailable      = wire.Unavailable.With("upstream registry unavailable and content not cached")
+	errUpstreamMismatch = wire.DigestInvalid.WithStatus(http.StatusBadGateway).With("upstream content does not match its digest")
 )
 
 // Domain errors raised inside the mirror, mapped to wire errors in toWire.
@@ -40,10 +33,21 @@ var (
 	errManifestTooLarge = errors.New("manifest exceeds the size limit")
 )
 
+// manifestTooLarge says which limit a manifest broke; the limit is configurable, so the
+// message must not guess it.
+type manifestTooLarge struct{ limit int64 }
+
+func (e manifestTooLarge) Error() string {
+	return fmt.Sprintf("manifest exceeds the size limit of %d bytes (max_manifest_size)", e.limit)
+}
+
+func (e manifestTooLarge) Is(target error) bool { return target == errManifestTooLarge }
+
 // toWire is the one place where domain errors become wire errors. kind says what was
 // asked for, since "not found" reads differently for a blob and a manifest.
-func toWire(err error, kind string) wireError {
+func toWire(err error, kind string) wire.Error {
 	var se *upstream.StatusError
+	var tooLarge manifestTooLarge
 	switch {
 	case errors.Is(err, upstream.ErrNotFound), errors.Is(err, contentstore.ErrNotFound):
 		switch kind {
@@ -56,14 +60,16 @@ func toWire(err error, kind string) wireError {
 		}
 	case errors.Is(err, errContentMismatch):
 		return errUpstreamMismatch
+	case errors.As(err, &tooLarge):
+		return errManifestInvalid.With(tooLarge.Error())
 	case errors.Is(err, errManifestTooLarge):
-		return errManifestInvalid.with("manifest exceeds the 4 MiB limit")
+		return errManifestInvalid.With(errManifestTooLarge.Error())
 	case errors.As(err, &se):
 		switch {
 		case se.Status == http.StatusTooManyRequests:
 			we := errTooManyRequests
 			if se.RetryAfter > 0 {
-				we.header = http.Header{"Retry-After": {strconv.Itoa(int(se.RetryAfter.Seconds()))}}
+				we = we.WithHeader("Retry-After", strconv.Itoa(int(se.RetryAfter.Seconds())))
 			}
 			return we
 		case se.Status == http.StatusUnauthorized || se.Status == http.StatusForbidden:
@@ -72,36 +78,4 @@ func toWire(err error, kind string) wireError {
 		return errUnavailable
 	}
 	return errUnavailable
-}
-
-func (e wireError) with(msg string) wireError {
-	e.message = msg
-	return e
-}
-
-type envelope struct {
-	Errors []envelopeError `json:"errors"`
-}
-
-type envelopeError struct {
-	Code    string `json:"code"`
-	Message string `json:"message"`
-	Detail  any    `json:"detail,omitempty"`
-}
-
-// writeError writes the OCI error envelope. HEAD answers carry no body, per HTTP.
-func writeError(w http.ResponseWriter, r *http.Request, e wireError) {
-	for k, v := range e.header {
-		w.Header()[k] = v
-	}
-	if e.status == http.StatusMethodNotAllowed {
-		w.Header().Set("Allow", "GET, HEAD")
-	}
-	b, _ := json.Marshal(envelope{Errors: []envelopeError{{Code: e.code, Message: e.message}}})
-	w.Header().Set("Content-Type", "application/json")
-	w.Header().Set("Content-Length", strconv.Itoa(len(b)))
-	w.WriteHeader(e.status)
-	if r.Method != http.MethodHead {
-		w.Write(b)
-	}
 }

@@ -68,12 +68,11 @@ func (m *Mirror) serveManifest(w http.ResponseWriter, r *http.Request, rt route)
 // manifest, and no larger than the manifest limit, is one: anything else (a layer asked
 // for under manifests/) is not found, and its size is checked before a byte is read, so
 // no request can make the mirror hold more than the limit in memory.
-func (m *Mirror) cachedManifest(dgst digest.Digest) (*manifest, error) {
+func (m *Mirror) cachedManifest(dgst digest.Digest, limit int64) (*manifest, error) {
 	meta, found, err := m.store.BlobMeta(dgst)
 	if err != nil {
 		return nil, err
 	}
-	limit := m.opts.MaxManifestSize
 	if !found || meta.MediaType == "" || meta.Size > limit {
 		return nil, fmt.Errorf("manifest %s: %w", dgst, contentstore.ErrNotFound)
 	}
@@ -95,7 +94,7 @@ func (m *Mirror) cachedManifest(dgst digest.Digest) (*manifest, error) {
 }
 
 func (m *Mirror) manifestByDigest(ctx context.Context, rt route, dgst digest.Digest) (*manifest, string, error) {
-	mf, err := m.cachedManifest(dgst)
+	mf, err := m.cachedManifest(dgst, rt.policy.maxManifestSize)
 	if err == nil || !contentstore.IsNotFound(err) {
 		return mf, ResultHit, err
 	}
@@ -122,15 +121,16 @@ func (m *Mirror) fetchManifest(ctx context.Context, rt route, ref string, want d
 		return nil, err
 	}
 	defer resp.Body.Close()
-	if resp.ContentLength > m.opts.MaxManifestSize {
-		return nil, errManifestTooLarge
+	limit := rt.policy.maxManifestSize
+	if resp.ContentLength > limit {
+		return nil, manifestTooLarge{limit}
 	}
-	body, err := io.ReadAll(io.LimitReader(resp.Body, m.opts.MaxManifestSize+1))
+	body, err := io.ReadAll(io.LimitReader(resp.Body, limit+1))
 	if err != nil {
 		return nil, fmt.Errorf("reading manifest %s from %s: %w", ref, rt.registry, err)
 	}
-	if int64(len(body)) > m.opts.MaxManifestSize {
-		return nil, errManifestTooLarge
+	if int64(len(body)) > limit {
+		return nil, manifestTooLarge{limit}
 	}
 	if want == "" {
 		if h, err := digest.Parse(resp.Header.Get("Docker-Content-Digest")); err == nil && h.Algorithm().Available() {
@@ -198,7 +198,7 @@ func (m *Mirror) manifestByTag(ctx context.Context, rt route) (*manifest, string
 	}
 	var cached *manifest
 	if found {
-		cached, err = m.cachedManifest(entry.Digest)
+		cached, err = m.cachedManifest(entry.Digest, rt.policy.maxManifestSize)
 		if err != nil && !contentstore.IsNotFound(err) {
 			return nil, ResultError, err
 		}
@@ -246,6 +246,8 @@ func (m *Mirror) manifestByTag(ctx context.Context, rt route) (*manifest, string
 // revalidateTag asks upstream where the tag points now. It runs detached from the
 // request, so a slow answer still refreshes the cache for the next client.
 func (m *Mirror) revalidateTag(rt route, cached *manifest) (*manifest, error) {
+	rt.policy.hold() // may outlive the request that started it
+	defer rt.policy.release()
 	ctx, cancel := context.WithTimeout(m.ctx, 2*time.Minute)
 	defer cancel()
 	client := rt.client
@@ -272,7 +274,7 @@ func (m *Mirror) revalidateTag(rt route, cached *manifest) (*manifest, error) {
 	if d, perr := digest.Parse(resp.Header.Get("Docker-Content-Digest")); perr == nil && d.Algorithm().Available() {
 		if cached != nil && cached.digest == d {
 			mf = cached
-		} else if c, cerr := m.cachedManifest(d); cerr == nil {
+		} else if c, cerr := m.cachedManifest(d, rt.policy.maxManifestSize); cerr == nil {
 			mf = c // the same manifest is already here under another name
 		}
 	}

@@ -19,6 +19,7 @@ import (
 	"github.com/opencontainers/go-digest"
 	"golang.org/x/sync/singleflight"
 
+	"github.com/node-mirror/node-mirror/internal/wire"
 	"github.com/node-mirror/node-mirror/pkg/contentstore"
 	"github.com/node-mirror/node-mirror/pkg/fleet"
 	"github.com/node-mirror/node-mirror/pkg/metrics"
@@ -37,12 +38,13 @@ type Options struct {
 	// StaleAfter is how long a tag request waits for upstream before a cached answer is
 	// served instead (the revalidation carries on in the background).
 	StaleAfter time.Duration
-	// ListTTL bounds reuse of tag lists and referrers answers.
-	ListTTL         time.Duration
+	// ListTTL bounds reuse of tag lists and referrers answers (default 30s).
+	ListTTL time.Duration
+	// MaxManifestSize refuses larger manifests (default 4 MiB).
 	MaxManifestSize int64
 	// EagerFetch is how many layers of a requested image manifest are fetched at once in
-	// the background, before the engine asks for them. 0 means the default (4); negative
-	// turns eager fetching off.
+	// the background, before the engine asks for them; 0 (or less) turns it off. Taken
+	// as given: the daemon's default (4) lives in its configuration.
 	EagerFetch int
 	// FetchConcurrency is how many connections fetch one cold blob when its upstream
 	// answers ranges; 1 fetches every blob as one stream. Default DefaultFetchConcurrency.
@@ -80,8 +82,12 @@ type Mirror struct {
 	flight singleflight.Group // manifests and lists, keyed by what is fetched
 
 	stats    counters
-	eager    chan eagerJob // nil when eager fetching is off
 	platform platforms.MatchComparer
+
+	eager      chan eagerJob // queued work for the eager workers
+	eagerOn    atomic.Bool   // at least one worker runs
+	eagerMu    sync.Mutex
+	eagerStops []chan struct{} // one per running worker; closing it stops that worker
 
 	mu        sync.Mutex
 	downloads map[string]*download     // blob digest -> the one download in flight
@@ -103,9 +109,6 @@ type Mirror struct {
 func New(opts Options) (*Mirror, error) {
 	if opts.Store == nil || len(opts.Registries) == 0 {
 		return nil, errors.New("mirror needs a store and at least one registry")
-	}
-	if opts.MaxManifestSize <= 0 {
-		opts.MaxManifestSize = 4 << 20
 	}
 	if opts.StaleAfter <= 0 {
 		opts.StaleAfter = 3 * time.Second
@@ -138,9 +141,7 @@ func New(opts Options) (*Mirror, error) {
 		checked:   map[string]time.Time{},
 		listSlots: make(chan struct{}, maxListFetches),
 		eagerDone: map[digest.Digest]bool{},
-	}
-	if err := m.Reconfigure(opts.Registries, opts.DefaultRegistry, opts.TagFreshness, opts.ListTTL); err != nil {
-		return nil, err
+		eager:     make(chan eagerJob, 1024),
 	}
 	m.stats.since = time.Now()
 	m.platform = platforms.Default()
@@ -151,15 +152,8 @@ func New(opts Options) (*Mirror, error) {
 		}
 		m.platform = platforms.Only(p)
 	}
-	if opts.EagerFetch == 0 {
-		opts.EagerFetch = 4
-	}
-	if opts.EagerFetch > 0 {
-		m.eager = make(chan eagerJob, 1024)
-		for range opts.EagerFetch {
-			m.wg.Add(1)
-			go m.eagerWorker()
-		}
+	if err := m.Reconfigure(opts); err != nil {
+		return nil, err
 	}
 	if opts.Fleet != nil {
 		m.wg.Add(1)
@@ -170,25 +164,78 @@ func New(opts Options) (*Mirror, error) {
 
 // policy is the reloadable part of the configuration.
 type policy struct {
-	registries   map[string]*upstream.Client
-	def          string
-	tagFreshness time.Duration
-	listTTL      time.Duration
+	registries      map[string]*upstream.Client
+	def             string
+	tagFreshness    time.Duration
+	listTTL         time.Duration
+	maxManifestSize int64
+
+	// users counts requests and background work still talking to upstream through these
+	// clients. A reload retires the policy: its clients' idle connections are closed at
+	// once (and the transport closes busy ones as they come back), and again when the
+	// last user leaves, for connections that work begun before the reload dialled after
+	// it. Nothing would ever take them from the pool again.
+	users   atomic.Int64
+	retired atomic.Pointer[[]*upstream.Client] // set by retire: the clients the next policy dropped
 }
 
-// Reconfigure replaces registries, credentials and cache policy for new requests;
-// requests and downloads in flight finish with what they started with.
-func (m *Mirror) Reconfigure(registries map[string]*upstream.Client, def string, tagFreshness, listTTL time.Duration) error {
-	if len(registries) == 0 {
+func (p *policy) hold() {
+	if p != nil {
+		p.users.Add(1)
+	}
+}
+
+func (p *policy) release() {
+	if p == nil || p.users.Add(-1) != 0 {
+		return
+	}
+	// A release to zero before retire stored the list is covered by retire's own close.
+	if gone := p.retired.Load(); gone != nil {
+		closeIdle(*gone)
+	}
+}
+
+// retire hands the policy's clients that next does not use over to closing.
+func (p *policy) retire(next *policy) {
+	var gone []*upstream.Client
+	for name, c := range p.registries {
+		if next == nil || next.registries[name] != c {
+			gone = append(gone, c)
+		}
+	}
+	p.retired.Store(&gone)
+	closeIdle(gone)
+}
+
+func closeIdle(clients []*upstream.Client) {
+	for _, c := range clients {
+		c.CloseIdleConnections()
+	}
+}
+
+// Reconfigure applies the reloadable options (Registries, DefaultRegistry, TagFreshness,
+// ListTTL, MaxManifestSize, EagerFetch) to new requests; the others stay as New set them.
+// Requests and downloads in flight finish with the registries they started with, whose
+// connections are closed once they are done.
+func (m *Mirror) Reconfigure(o Options) error {
+	if len(o.Registries) == 0 {
 		return errors.New("no registries")
 	}
-	if def != "" && registries[def] == nil {
-		return fmt.Errorf("default registry %s is not configured", def)
+	if o.DefaultRegistry != "" && o.Registries[o.DefaultRegistry] == nil {
+		return fmt.Errorf("default registry %s is not configured", o.DefaultRegistry)
 	}
-	if listTTL <= 0 {
-		listTTL = 30 * time.Second
+	if o.ListTTL <= 0 {
+		o.ListTTL = 30 * time.Second
 	}
-	m.policy.Store(&policy{registries: registries, def: def, tagFreshness: tagFreshness, listTTL: listTTL})
+	if o.MaxManifestSize <= 0 {
+		o.MaxManifestSize = 4 << 20
+	}
+	next := &policy{registries: o.Registries, def: o.DefaultRegistry, tagFreshness: o.TagFreshness,
+		listTTL: o.ListTTL, maxManifestSize: o.MaxManifestSize}
+	if old := m.policy.Swap(next); old != nil {
+		old.retire(next)
+	}
+	m.setEagerWorkers(o.EagerFetch)
 	return nil
 }
 
@@ -196,15 +243,13 @@ func (m *Mirror) Reconfigure(registries map[string]*upstream.Client, def string,
 func (m *Mirror) Close() {
 	m.cancel()
 	m.wg.Wait()
-	for _, c := range m.policy.Load().registries {
-		c.CloseIdleConnections()
-	}
+	m.policy.Load().retire(nil)
 }
 
 // ServeHTTP implements the OCI distribution pull API.
 func (m *Mirror) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if r.Method != http.MethodGet && r.Method != http.MethodHead {
-		writeError(w, r, errUnsupported)
+		wire.Write(w, r, errUnsupported)
 		return
 	}
 	if r.URL.Path == "/v2/" || r.URL.Path == "/v2" {
@@ -218,9 +263,11 @@ func (m *Mirror) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	pol := m.policy.Load()
-	rt, werr := parseRoute(r, func(name string) bool { return pol.registries[name] != nil }, pol.def)
-	if werr != nil {
-		writeError(w, r, *werr)
+	pol.hold()
+	defer pol.release()
+	rt, err := parseRoute(r, func(name string) bool { return pol.registries[name] != nil }, pol.def)
+	if err != nil {
+		wire.Write(w, r, err)
 		return
 	}
 	rt.client, rt.policy = pol.registries[rt.registry], pol
@@ -301,12 +348,12 @@ func (m *Mirror) fail(w http.ResponseWriter, r *http.Request, rt route, err erro
 	noteResult(r.Context(), ResultError)
 	m.count(ResultError)
 	level := slog.LevelWarn
-	if we.status == http.StatusNotFound {
+	if we.Status == http.StatusNotFound {
 		level = slog.LevelDebug
 	}
 	m.log.Log(r.Context(), level, "request failed", "method", r.Method, "registry", rt.registry,
-		"repo", rt.repo, "kind", rt.kind, "ref", rt.ref, "status", we.status, "err", err)
-	writeError(w, r, we)
+		"repo", rt.repo, "kind", rt.kind, "ref", rt.ref, "status", we.Status, "err", err)
+	wire.Write(w, r, we)
 }
 
 func setContentHeaders(w http.ResponseWriter, mediaType, dgst string, size int64) {

@@ -28,6 +28,7 @@ import (
 
 	"github.com/node-mirror/node-mirror/internal/fault"
 	"github.com/node-mirror/node-mirror/internal/testenv"
+	"github.com/node-mirror/node-mirror/internal/wire"
 	"github.com/node-mirror/node-mirror/pkg/contentstore"
 	"github.com/node-mirror/node-mirror/pkg/upstream"
 )
@@ -766,9 +767,18 @@ func TestEndpointsTriedInOrder(t *testing.T) {
 			}
 		})
 	}
-	// A dead first endpoint is passed over too.
-	tm := newMirror(t, map[string][]string{"docker.io": {"http://" + closedPort(t), up.srv.URL}})
+	// A dead first endpoint is tried first, then passed over.
+	var seq, deadFirst, upFirst atomic.Int64
+	dead := hangUp(t, func() { deadFirst.CompareAndSwap(0, seq.Add(1)) })
+	up.setHook(func(http.ResponseWriter, *http.Request) bool {
+		upFirst.CompareAndSwap(0, seq.Add(1))
+		return false
+	})
+	tm := newMirror(t, map[string][]string{"docker.io": {"http://" + dead, up.srv.URL}})
 	tm.pull(t, "library/app:v1")
+	if d, u := deadFirst.Load(), upFirst.Load(); d == 0 || u == 0 || d > u {
+		t.Fatalf("first contact: dead endpoint #%d, working endpoint #%d; want the dead one, listed first, tried first", d, u)
+	}
 }
 
 func TestTagsListAndReferrersPassThrough(t *testing.T) {
@@ -873,7 +883,7 @@ func TestBadRequests(t *testing.T) {
 			}
 			continue
 		}
-		var env envelope
+		var env wire.Envelope
 		if resp.StatusCode != tc.status || json.Unmarshal(body, &env) != nil || len(env.Errors) != 1 || env.Errors[0].Code != tc.code {
 			t.Errorf("%s %s: got %d %s, want %d %s", tc.method, tc.path, resp.StatusCode, body, tc.status, tc.code)
 		}
@@ -906,13 +916,24 @@ func mustRead(t *testing.T, l v1.Layer) []byte {
 	return b
 }
 
-func closedPort(t *testing.T) string {
+// hangUp is an endpoint that is down: it accepts and closes every connection, calling
+// accepted for each. The test holds it open, so no other process can take its port.
+func hangUp(t *testing.T, accepted func()) string {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	addr := ln.Addr().String()
-	ln.Close()
-	return addr
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			accepted()
+			c.Close()
+		}
+	}()
+	return ln.Addr().String()
 }

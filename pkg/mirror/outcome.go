@@ -1,23 +1,25 @@
 package mirror
 
-import "context"
+import (
+	"context"
 
-// Cache results, as logs and metrics name them.
+	"github.com/node-mirror/node-mirror/internal/cachehdr"
+)
+
+// Cache results, as logs and metrics name them. A hit and a miss read the same in the
+// cache header; a pass-through does not (the metric label predates the header).
 const (
-	ResultHit   = "hit"   // answered from the store
-	ResultMiss  = "miss"  // fetched from upstream
-	ResultStale = "stale" // upstream failed or was slow; answered from the store
-	ResultError = "error" // answered with an error
+	ResultHit   = cachehdr.Hit  // answered from the store
+	ResultMiss  = cachehdr.Miss // fetched from upstream
+	ResultStale = "stale"       // upstream failed or was slow; answered from the store
+	ResultError = "error"       // answered with an error
 	// ResultPassThrough: fetched from upstream and not stored (disk full, budget in use).
 	ResultPassThrough = "passthrough"
 )
 
 // cacheHeader tells clients such as prefetch what happened to a blob: hit, miss (fetched
 // and stored) or pass-through (fetched, not stored).
-const cacheHeader = CacheHeader
-
-// CacheHeader is the response header that says whether a blob was stored.
-const CacheHeader = "Node-Mirror-Cache"
+const cacheHeader = cachehdr.Header
 
 // Outcome is what the mirror did with one request, for the access log and metrics. The
 // server puts one in the request context with WithOutcome; the mirror fills it in.

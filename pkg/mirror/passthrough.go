@@ -11,6 +11,7 @@ import (
 
 	"github.com/opencontainers/go-digest"
 
+	"github.com/node-mirror/node-mirror/internal/cachehdr"
 	"github.com/node-mirror/node-mirror/pkg/contentstore"
 	"github.com/node-mirror/node-mirror/pkg/upstream"
 )
@@ -85,7 +86,7 @@ func (m *Mirror) passThrough(w http.ResponseWriter, r *http.Request, rt route, w
 	}
 	noteResult(r.Context(), ResultPassThrough)
 	m.count(ResultPassThrough)
-	w.Header().Set(cacheHeader, "pass-through")
+	w.Header().Set(cacheHeader, cachehdr.PassThrough)
 	if size >= 0 {
 		setWindowHeaders(w, rt.digest.String(), size, win)
 	} else {

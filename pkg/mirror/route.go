@@ -56,19 +56,19 @@ const maxNameLen = 255
 // The registry is, in order: the ns query parameter (containerd), the first path element
 // when it names a configured registry (containers/image mirrors with a path), or def
 // (Docker's registry-mirrors). Nothing else is ever contacted.
-func parseRoute(r *http.Request, isRegistry func(string) bool, def string) (route, *wireError) {
+func parseRoute(r *http.Request, isRegistry func(string) bool, def string) (route, error) {
 	// Valid names and references never need escaping; an escaped byte is at best a
 	// confused client and at worst an encoded slash or dot-dot trying to get past us.
 	if strings.Contains(r.URL.EscapedPath(), "%") || r.URL.RawPath != "" {
-		return route{}, &errNameInvalid
+		return route{}, errNameInvalid
 	}
 	rest, ok := strings.CutPrefix(r.URL.Path, "/v2/")
 	if !ok {
-		return route{}, &errNotFound
+		return route{}, errNotFound
 	}
 	segs := strings.Split(rest, "/")
 	if len(segs) < 3 {
-		return route{}, &errNotFound
+		return route{}, errNotFound
 	}
 	rt := route{kind: segs[len(segs)-2], ref: segs[len(segs)-1]}
 	nameSegs := segs[:len(segs)-2]
@@ -76,14 +76,14 @@ func parseRoute(r *http.Request, isRegistry func(string) bool, def string) (rout
 	case kindManifests, kindBlobs, kindReferrers:
 	case kindTags:
 		if rt.ref != "list" {
-			return route{}, &errNotFound
+			return route{}, errNotFound
 		}
 	default:
 		// blobs/uploads/... is the push API.
 		if slices.Contains(segs, "uploads") {
-			return route{}, &errUnsupported
+			return route{}, errUnsupported
 		}
-		return route{}, &errNotFound
+		return route{}, errNotFound
 	}
 
 	ns := r.URL.Query().Get("ns")
@@ -99,11 +99,11 @@ func parseRoute(r *http.Request, isRegistry func(string) bool, def string) (rout
 	case def != "":
 		rt.registry = def
 	default:
-		return route{}, &errNameUnknown
+		return route{}, errNameUnknown
 	}
 	for _, s := range nameSegs {
 		if !componentRe.MatchString(s) {
-			return route{}, &errNameInvalid
+			return route{}, errNameInvalid
 		}
 	}
 	rt.repo = strings.Join(nameSegs, "/")
@@ -111,35 +111,33 @@ func parseRoute(r *http.Request, isRegistry func(string) bool, def string) (rout
 		rt.repo = "library/" + rt.repo
 	}
 	if len(rt.repo) > maxNameLen {
-		return route{}, &errNameInvalid
+		return route{}, errNameInvalid
 	}
 
 	switch rt.kind {
 	case kindBlobs, kindReferrers:
 		d, err := digest.Parse(rt.ref)
 		if err != nil || !d.Algorithm().Available() {
-			return route{}, &errDigestInvalid
+			return route{}, errDigestInvalid
 		}
 		rt.digest = d
 	case kindManifests:
 		if strings.Contains(rt.ref, ":") {
 			d, err := digest.Parse(rt.ref)
 			if err != nil || !d.Algorithm().Available() {
-				return route{}, &errDigestInvalid
+				return route{}, errDigestInvalid
 			}
 			rt.digest = d
 		} else if !tagRe.MatchString(rt.ref) {
 			// Only pulls come here, and a reference that cannot be a tag names no manifest:
 			// "manifest unknown", as the reference registry and the 2023 conformance
 			// suite have it.
-			e := errManifestUnknown.with("manifest unknown: " + strconv.Quote(rt.ref) + " is not a valid tag or digest")
-			return route{}, &e
+			return route{}, errManifestUnknown.With("manifest unknown: " + strconv.Quote(rt.ref) + " is not a valid tag or digest")
 		}
 	}
 	return rt, nil
 }
 
-func errRegistryUnknown(ns string) *wireError {
-	e := errNameUnknown.with("registry " + ns + " is not mirrored here")
-	return &e
+func errRegistryUnknown(ns string) error {
+	return errNameUnknown.With("registry " + ns + " is not mirrored here")
 }

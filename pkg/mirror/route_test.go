@@ -1,10 +1,13 @@
 package mirror
 
 import (
+	"errors"
 	"net/http"
 	"net/http/httptest"
 	"strings"
 	"testing"
+
+	"github.com/node-mirror/node-mirror/internal/wire"
 )
 
 func configured(name string) bool {
@@ -28,9 +31,9 @@ func TestParseRoute(t *testing.T) {
 		{"/v2/a/b/c/d/referrers/sha256:" + strings.Repeat("b", 64), "docker.io", "a/b/c/d", "referrers", "sha256:" + strings.Repeat("b", 64)},
 	} {
 		r := httptest.NewRequest(http.MethodGet, tc.target, nil)
-		rt, werr := parseRoute(r, configured, "docker.io")
-		if werr != nil {
-			t.Errorf("%s: %s", tc.target, werr.code)
+		rt, err := parseRoute(r, configured, "docker.io")
+		if err != nil {
+			t.Errorf("%s: %v", tc.target, err)
 			continue
 		}
 		if rt.registry != tc.registry || rt.repo != tc.repo || rt.kind != tc.kind || rt.ref != tc.ref {
@@ -58,10 +61,11 @@ func FuzzParseRoute(f *testing.F) {
 		if err != nil {
 			return
 		}
-		rt, werr := parseRoute(r, configured, "docker.io")
-		if werr != nil {
-			if werr.status < 400 || werr.status > 499 {
-				t.Fatalf("%q: status %d", target, werr.status)
+		rt, err := parseRoute(r, configured, "docker.io")
+		if err != nil {
+			var we wire.Error
+			if !errors.As(err, &we) || we.Status < 400 || we.Status > 499 {
+				t.Fatalf("%q: %v, want a 4xx wire error", target, err)
 			}
 			return
 		}

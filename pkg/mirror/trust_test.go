@@ -109,7 +109,11 @@ func TestStoredManifestOverLimitNotRead(t *testing.T) {
 	if resp, _ := tm.get(t, http.MethodGet, "/v2/library/app/manifests/"+md.String()); resp.StatusCode != http.StatusOK {
 		t.Fatalf("manifest: %d", resp.StatusCode)
 	}
-	tm.opts.MaxManifestSize = int64(len(raw)) - 1
+	o := tm.opts
+	o.MaxManifestSize = int64(len(raw)) - 1
+	if err := tm.Reconfigure(o); err != nil {
+		t.Fatal(err)
+	}
 	resp, _ := tm.get(t, http.MethodGet, "/v2/library/app/manifests/"+md.String())
 	if resp.StatusCode == http.StatusOK {
 		t.Fatal("a stored manifest over the limit was served")

@@ -22,8 +22,8 @@ import (
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
-	"github.com/node-mirror/node-mirror/pkg/config"
-	"github.com/node-mirror/node-mirror/pkg/mirror"
+	"github.com/node-mirror/node-mirror/internal/cachehdr"
+	"github.com/node-mirror/node-mirror/internal/humanize"
 )
 
 var manifestAccept = strings.Join([]string{
@@ -80,7 +80,7 @@ type blob struct {
 type prefetcher struct {
 	opts  Options
 	base  string
-	match platforms.Matcher
+	match platforms.MatchComparer
 	mu    sync.Mutex
 	res   Result
 	bars  []*bar
@@ -164,7 +164,7 @@ func Run(ctx context.Context, o Options, images []string) (Result, error) {
 	<-drawn
 	r := p.res
 	fmt.Fprintf(p.out, "prefetched %d of %d images: %d blobs (%s), %d fetched, %d already cached, %d failed\n",
-		r.Images, len(images), r.Blobs, config.FormatBytes(r.Bytes), r.Fetched, r.Cached, r.Failed)
+		r.Images, len(images), r.Blobs, humanize.Bytes(r.Bytes), r.Fetched, r.Cached, r.Failed)
 	return r, errors.Join(p.errs...)
 }
 
@@ -205,20 +205,30 @@ func (p *prefetcher) walk(ctx context.Context, image, reg, repo, ref string, dep
 	}
 	var out []blob
 	if doc.Manifests != nil {
-		matched := 0
-		for _, c := range doc.Manifests {
-			if p.match != nil && (c.Platform == nil || !p.match.Match(*c.Platform)) {
-				continue
+		children := doc.Manifests
+		if p.match != nil {
+			// An engine pulls the one image that suits it best, not every image its
+			// platform could run (Only(linux/arm64) also matches linux/arm/v7).
+			var best *ocispec.Descriptor
+			for i, c := range doc.Manifests {
+				if c.Platform == nil || !p.match.Match(*c.Platform) {
+					continue
+				}
+				if best == nil || p.match.Less(*c.Platform, *best.Platform) {
+					best = &doc.Manifests[i]
+				}
 			}
-			matched++
+			if best == nil {
+				return nil, fmt.Errorf("no image for platform %s", p.opts.Platform)
+			}
+			children = []ocispec.Descriptor{*best}
+		}
+		for _, c := range children {
 			bs, err := p.walk(ctx, image, reg, repo, c.Digest.String(), depth+1)
 			if err != nil {
 				return nil, err
 			}
 			out = append(out, bs...)
-		}
-		if matched == 0 {
-			return nil, fmt.Errorf("no image for platform %s", p.opts.Platform)
 		}
 		return out, nil
 	}
@@ -255,7 +265,7 @@ func (p *prefetcher) get(ctx context.Context, reg, repo, path, accept string) ([
 
 // fetch reads one blob through the mirror. The mirror holds back a blob's last byte until
 // it verified and stored it, so a complete read of a hit or miss means it landed; a
-// pass-through (disk full) did not.
+// pass-through (disk full) did not, and neither did an answer that does not say.
 func (p *prefetcher) fetch(ctx context.Context, b blob, br *bar) {
 	err := func() error {
 		req, err := http.NewRequestWithContext(ctx, http.MethodGet, p.url(b.reg, b.repo, "blobs/"+b.desc.Digest.String()), nil)
@@ -270,7 +280,7 @@ func (p *prefetcher) fetch(ctx context.Context, b blob, br *bar) {
 		if resp.StatusCode != http.StatusOK {
 			return fmt.Errorf("%s", resp.Status)
 		}
-		br.setState(resp.Header.Get(mirror.CacheHeader))
+		br.setState(resp.Header.Get(cachehdr.Header))
 		v := b.desc.Digest.Verifier()
 		n, err := io.Copy(io.MultiWriter(v, br), resp.Body)
 		if err != nil {
@@ -279,10 +289,13 @@ func (p *prefetcher) fetch(ctx context.Context, b blob, br *bar) {
 		if n != b.desc.Size || !v.Verified() {
 			return fmt.Errorf("got %d bytes not matching the digest", n)
 		}
-		if br.state == mirror.ResultPassThrough {
+		switch br.state {
+		case cachehdr.Hit, cachehdr.Miss:
+			return nil
+		case cachehdr.PassThrough:
 			return errors.New("served but not stored (the mirror's disk is full or its budget is in use)")
 		}
-		return nil
+		return fmt.Errorf("served, but the answer does not say whether it was stored (%s: %q): is this a node-mirror?", cachehdr.Header, br.state)
 	}()
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -292,7 +305,7 @@ func (p *prefetcher) fetch(ctx context.Context, b blob, br *bar) {
 		p.errs = append(p.errs, fmt.Errorf("%s %s: %w", b.image, b.desc.Digest, err))
 	} else {
 		p.res.Bytes += b.desc.Size
-		if br.state == mirror.ResultHit {
+		if br.state == cachehdr.Hit {
 			p.res.Cached++
 		} else {
 			p.res.Fetched++
@@ -330,12 +343,12 @@ func (b *bar) setState(s string) {
 func (b *bar) line() string {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	status := map[string]string{mirror.ResultHit: "cached", mirror.ResultMiss: "fetched", mirror.ResultPassThrough: "not stored"}[b.state]
+	status := map[string]string{cachehdr.Hit: "cached", cachehdr.Miss: "fetched", cachehdr.PassThrough: "not stored"}[b.state]
 	switch {
 	case b.err != nil:
 		return fmt.Sprintf("%s FAILED: %v", b.name, b.err)
 	case b.done:
-		return fmt.Sprintf("%s %s %s", b.name, config.FormatBytes(b.total), status)
+		return fmt.Sprintf("%s %s %s", b.name, humanize.Bytes(b.total), status)
 	}
 	const width = 30
 	frac := 0.0
@@ -344,7 +357,7 @@ func (b *bar) line() string {
 	}
 	fill := int(frac * width)
 	return fmt.Sprintf("%s [%s%s] %3.0f%% %s/%s", b.name, strings.Repeat("=", fill), strings.Repeat(" ", width-fill),
-		100*frac, config.FormatBytes(b.n), config.FormatBytes(b.total))
+		100*frac, humanize.Bytes(b.n), humanize.Bytes(b.total))
 }
 
 // redraw repaints every bar in place (ANSI: cursor up, clear line).

@@ -5,6 +5,7 @@ package server
 
 import (
 	"context"
+	"errors"
 	"io"
 	"log/slog"
 	"net"
@@ -13,17 +14,21 @@ import (
 	"time"
 
 	"github.com/node-mirror/node-mirror/internal/countwriter"
+	"github.com/node-mirror/node-mirror/internal/wire"
 	"github.com/node-mirror/node-mirror/pkg/metrics"
 	"github.com/node-mirror/node-mirror/pkg/mirror"
 )
 
 // Options configure a Server.
 type Options struct {
+	// Listen is the configured main address; on loopback, requests must name the mirror
+	// by a loopback host (see hostGuard). Empty (a handler served by a test) checks none.
+	Listen string
 	Mirror http.Handler
 	// Admin, when set, serves /admin/ (status, gc) on the main port, behind Auth.
 	Admin   http.Handler
 	Metrics *metrics.Metrics
-	// MetricsHandler, when set, is served at /metrics on the main port.
+	// MetricsHandler, when set, is served at /metrics on the main port, behind Auth.
 	MetricsHandler http.Handler
 	Logger         *slog.Logger
 	// Auth, when set, must accept a request before it reaches the mirror.
@@ -37,9 +42,10 @@ type Options struct {
 	MaxHeaderBytes int
 }
 
-// Authenticator decides whether a request carries valid client credentials.
+// Authenticator decides whether a request carries valid client credentials: nil when it
+// does, ErrBusy when they cannot be checked now, another error when they are wrong.
 type Authenticator interface {
-	Authenticate(r *http.Request) bool
+	Authenticate(r *http.Request) error
 	// Challenge is the WWW-Authenticate value sent with a 401.
 	Challenge() string
 }
@@ -67,19 +73,42 @@ func New(o Options) *Server {
 		o.Logger = slog.Default()
 	}
 	s := &Server{opts: o, log: o.Logger}
-	s.http = &http.Server{
-		Handler:           s.Handler(),
-		ReadHeaderTimeout: o.ReadHeaderTimeout,
-		IdleTimeout:       o.IdleTimeout,
-		MaxHeaderBytes:    o.MaxHeaderBytes,
-		ErrorLog:          slog.NewLogLogger(o.Logger.Handler(), slog.LevelDebug),
-	}
+	s.http = s.newHTTP(s.Handler())
 	return s
 }
 
-// Handler routes health, readiness and metrics, and everything else to the mirror.
+func (s *Server) newHTTP(h http.Handler) *http.Server {
+	return &http.Server{
+		Handler:           h,
+		ReadHeaderTimeout: s.opts.ReadHeaderTimeout,
+		IdleTimeout:       s.opts.IdleTimeout,
+		MaxHeaderBytes:    s.opts.MaxHeaderBytes,
+		ErrorLog:          slog.NewLogLogger(s.opts.Logger.Handler(), slog.LevelDebug),
+	}
+}
+
+// Side returns an HTTP server for a side listener (metrics, pprof) on listen, with the
+// main server's timeouts, Host check and client authentication. The caller serves and
+// closes it.
+func (s *Server) Side(listen string, h http.Handler) *http.Server {
+	return s.newHTTP(s.hostGuard(listen, s.authenticate(h)))
+}
+
+// Handler routes health, readiness, metrics and admin, and everything else to the
+// mirror. Health and readiness say only "ok" and are open to every probe; everything
+// else is behind the Host check and Auth.
 func (s *Server) Handler() http.Handler {
+	guarded := http.NewServeMux()
+	if s.opts.MetricsHandler != nil {
+		guarded.Handle("GET /metrics", s.authenticate(s.opts.MetricsHandler))
+	}
+	if s.opts.Admin != nil {
+		guarded.Handle("/admin/", s.authenticate(s.opts.Admin))
+	}
+	guarded.Handle("/", s.observe(s.authenticate(s.opts.Mirror)))
+
 	mux := http.NewServeMux()
+	mux.Handle("/", s.hostGuard(s.opts.Listen, guarded))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
 		io.WriteString(w, "ok\n")
 	})
@@ -90,13 +119,6 @@ func (s *Server) Handler() http.Handler {
 		}
 		io.WriteString(w, "ok\n")
 	})
-	if s.opts.MetricsHandler != nil {
-		mux.Handle("GET /metrics", s.opts.MetricsHandler)
-	}
-	if s.opts.Admin != nil {
-		mux.Handle("/admin/", s.authenticate(s.opts.Admin))
-	}
-	mux.Handle("/", s.observe(s.authenticate(s.opts.Mirror)))
 	return mux
 }
 
@@ -122,16 +144,19 @@ func (s *Server) authenticate(next http.Handler) http.Handler {
 		return next
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if !s.opts.Auth.Authenticate(r) {
+		switch err := s.opts.Auth.Authenticate(r); {
+		case err == nil:
+			next.ServeHTTP(w, r)
+		case errors.Is(err, ErrBusy):
+			// Not logged one by one: a flood of these is what the cap is for.
+			wire.Write(w, r, wire.TooManyRequests.With("too many credential checks in progress, try again").
+				WithHeader("Retry-After", "1"))
+		default:
 			s.opts.Metrics.AuthFailure()
 			s.log.Warn("client authentication failed", "remote", r.RemoteAddr, "path", r.URL.Path)
 			w.Header().Set("WWW-Authenticate", s.opts.Auth.Challenge())
-			w.Header().Set("Content-Type", "application/json")
-			w.WriteHeader(http.StatusUnauthorized)
-			io.WriteString(w, `{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}`)
-			return
+			wire.Write(w, r, wire.Unauthorized)
 		}
-		next.ServeHTTP(w, r)
 	})
 }
 

@@ -65,7 +65,7 @@ func newEnv(t *testing.T, mod func(*Options)) *env {
 		t.Fatal(err)
 	}
 	t.Cleanup(m.Close)
-	o := Options{Mirror: m, Metrics: met, MetricsHandler: promhttp.HandlerFor(reg, promhttp.HandlerOpts{}), Logger: quiet()}
+	o := Options{Listen: "127.0.0.1:0", Mirror: m, Metrics: met, MetricsHandler: promhttp.HandlerFor(reg, promhttp.HandlerOpts{}), Logger: quiet()}
 	if mod != nil {
 		mod(&o)
 	}
@@ -341,24 +341,55 @@ func TestAuthFilesRejectBadInput(t *testing.T) {
 }
 
 func TestCheckExposure(t *testing.T) {
+	for _, flag := range []string{"listen", "metrics-listen"} {
+		for _, tc := range []struct {
+			listen              string
+			tls, auth, insecure bool
+			ok                  bool
+		}{
+			{"127.0.0.1:5000", false, false, false, true},
+			{"[::1]:5000", false, false, false, true},
+			{"localhost:5000", false, false, false, true},
+			{"0.0.0.0:5000", false, false, false, false},
+			{":5000", false, false, false, false},
+			{"10.1.2.3:5000", true, false, false, false},
+			{"10.1.2.3:5000", false, true, false, false},
+			{"10.1.2.3:5000", true, true, false, true},
+			{"0.0.0.0:5000", false, false, true, true},
+			{"nonsense", false, false, false, false},
+			// A name other than localhost can resolve anywhere, now or later.
+			{"mirror.example:5000", false, false, false, false},
+			{"127.0.0.1.nip.io:5000", false, false, false, false},
+		} {
+			err := CheckExposure(flag, tc.listen, tc.tls, tc.auth, tc.insecure)
+			if (err == nil) != tc.ok {
+				t.Errorf("--%s %+v: err = %v", flag, tc, err)
+			}
+			if err != nil && !strings.Contains(err.Error(), "--"+flag) {
+				t.Errorf("the refusal does not name --%s: %v", flag, err)
+			}
+		}
+	}
+}
+
+// TestCheckDebugExposure: pprof beyond loopback only with the explicit insecure flag; TLS
+// and client auth do not make profiles fit for the network.
+func TestCheckDebugExposure(t *testing.T) {
 	for _, tc := range []struct {
-		listen              string
-		tls, auth, insecure bool
-		ok                  bool
+		listen   string
+		insecure bool
+		ok       bool
 	}{
-		{"127.0.0.1:5000", false, false, false, true},
-		{"[::1]:5000", false, false, false, true},
-		{"localhost:5000", false, false, false, true},
-		{"0.0.0.0:5000", false, false, false, false},
-		{":5000", false, false, false, false},
-		{"10.1.2.3:5000", true, false, false, false},
-		{"10.1.2.3:5000", false, true, false, false},
-		{"10.1.2.3:5000", true, true, false, true},
-		{"0.0.0.0:5000", false, false, true, true},
-		{"nonsense", false, false, false, false},
+		{"127.0.0.1:6060", false, true},
+		{"[::1]:6060", false, true},
+		{"localhost:6060", false, true},
+		{"0.0.0.0:6060", false, false},
+		{":6060", false, false},
+		{"10.1.2.3:6060", false, false},
+		{"0.0.0.0:6060", true, true},
+		{"nonsense", true, false},
 	} {
-		err := CheckExposure(tc.listen, tc.tls, tc.auth, tc.insecure)
-		if (err == nil) != tc.ok {
+		if err := CheckDebugExposure(tc.listen, tc.insecure); (err == nil) != tc.ok {
 			t.Errorf("%+v: err = %v", tc, err)
 		}
 	}
@@ -439,7 +470,7 @@ func TestSlowReaderIsNotBuffered(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer c.Close()
-		fmt.Fprintf(c, "GET /v2/library/big/blobs/%s HTTP/1.1\r\nHost: x\r\n\r\n", ld)
+		fmt.Fprintf(c, "GET /v2/library/big/blobs/%s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", ld)
 		conns[i] = c
 	}
 	// Let the download finish while nobody reads.

@@ -3,16 +3,21 @@
 package daemon
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -191,14 +196,18 @@ func TestReloadAddsRegistryWhileDownloadStreams(t *testing.T) {
 	// A broken config is rejected and the running one stays.
 	write("[[registry]\n")
 	d.Signal(syscall.SIGHUP)
-	time.Sleep(300 * time.Millisecond)
+	waitReloads(t, d, "error", 1)
 	if r, err := http.Get(d.URL + "/v2/"); err != nil || r.StatusCode != 200 {
 		t.Fatalf("after a broken reload: %v %v", r, err)
+	}
+	if r, err := http.Get(d.URL + newRegistry); err != nil || r.StatusCode != http.StatusNotFound {
+		t.Fatalf("a broken reload changed the registries: %v %v", r, err)
 	}
 
 	write(fmt.Sprintf("[[registry]]\nname = \"docker.io\"\nendpoints = [%q]\n\n[[registry]]\nname = \"ghcr.io\"\nendpoints = [%q]\n",
 		upA.URL(), upB.URL()))
 	d.Signal(syscall.SIGHUP)
+	waitReloads(t, d, "ok", 1)
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		r, err := http.Get(d.URL + newRegistry)
@@ -221,6 +230,65 @@ func TestReloadAddsRegistryWhileDownloadStreams(t *testing.T) {
 		t.Fatal("in-flight download delivered wrong bytes")
 	}
 	d.Stop()
+}
+
+// waitReloads polls the daemon's reload counter until it shows want reloads with result.
+func waitReloads(t *testing.T, d *testenv.Mirror, result string, want float64) {
+	t.Helper()
+	prefix := `node_mirror_config_reloads_total{result="` + result + `"} `
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		got := 0.0
+		if resp, err := http.Get(d.URL + "/metrics"); err == nil {
+			sc := bufio.NewScanner(resp.Body)
+			for sc.Scan() {
+				if v, ok := strings.CutPrefix(sc.Text(), prefix); ok {
+					got, _ = strconv.ParseFloat(v, 64)
+				}
+			}
+			resp.Body.Close()
+		}
+		if got >= want {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s reloads: %v, want %v", result, got, want)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// TestPrefetchExitStatus: the prefetch command exits 0 when every blob landed and 1
+// when the daemon passed them through uncached (--max-size 1).
+func TestPrefetchExitStatus(t *testing.T) {
+	up := testenv.NewUpstream(t)
+	up.PushRandomImage("library/app", "v1", 2, 64<<10)
+	for _, tc := range []struct {
+		name string
+		args []string
+		code int
+	}{
+		{"stores", nil, 0},
+		{"passes through", []string{"--max-size", "1"}, 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			d := testenv.StartMirror(t, testenv.MirrorOptions{Upstreams: []string{up.Flag("docker.io")}, LogLevel: "warn", Args: tc.args})
+			out, err := exec.Command(testenv.Bin(t), "prefetch", "--mirror-url", d.URL, "docker.io/library/app:v1").CombinedOutput()
+			code := 0
+			var ee *exec.ExitError
+			if errors.As(err, &ee) {
+				code = ee.ExitCode()
+			} else if err != nil {
+				t.Fatal(err)
+			}
+			if code != tc.code {
+				t.Fatalf("prefetch exited %d, want %d:\n%s", code, tc.code, out)
+			}
+			if tc.code != 0 && !strings.Contains(string(out), "not stored") {
+				t.Fatalf("prefetch does not say what went wrong:\n%s", out)
+			}
+		})
+	}
 }
 
 // faultyUpstream is a test upstream with a fault injector in front of its registry.
