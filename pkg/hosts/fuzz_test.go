@@ -3,6 +3,7 @@ package hosts
 import (
 	"bytes"
 	"encoding/json"
+	"os"
 	"path/filepath"
 	"reflect"
 	"slices"
@@ -63,6 +64,13 @@ func FuzzMergeHostsTOML(f *testing.F) {
 
 func FuzzSetConfigPath(f *testing.F) {
 	f.Add([]byte(debianConfig))
+	for _, in := range []string{"containerd2-default", "containerd2-list", "containerd2-no-registry"} {
+		b, err := os.ReadFile(filepath.Join("testdata/in", in, containerdConfigFile))
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(b)
+	}
 	f.Fuzz(func(t *testing.T, in []byte) {
 		d, c, err := readContainerdConfig("config.toml", in)
 		if err != nil {
