@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/node-mirror/node-mirror/internal/regname"
 	"github.com/node-mirror/node-mirror/pkg/config"
 )
 
@@ -242,7 +243,7 @@ func (pl *planner) crio() []string {
 			regs = config.DefaultRegistries
 		}
 		for _, r := range regs {
-			if err := validRegistry(r); err != nil {
+			if err := regname.Check(r); err != nil {
 				pl.fail(fmt.Errorf("registries served by the mirror: %w", err))
 				return nil
 			}

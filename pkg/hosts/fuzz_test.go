@@ -11,6 +11,8 @@ import (
 	"testing"
 
 	"github.com/pelletier/go-toml/v2"
+
+	"github.com/node-mirror/node-mirror/internal/regname"
 )
 
 // Each merger either refuses or produces a file that parses, has our entry first, is
@@ -197,7 +199,7 @@ func FuzzRegistryName(f *testing.F) {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, name string) {
-		if validRegistry(name) != nil {
+		if regname.Check(name) != nil {
 			return
 		}
 		const dir = "/etc/containerd/certs.d"
@@ -205,7 +207,7 @@ func FuzzRegistryName(f *testing.F) {
 		if filepath.Dir(filepath.Dir(p)) != dir || registryOfHostsPath(p) != name {
 			t.Fatalf("registry %q makes %s, outside %s", name, p, dir)
 		}
-		if strings.ToLower(name) != name || len(name) > maxHostLen+6 || strings.ContainsAny(name, "/\\\x00 \t\n\"'") {
+		if strings.ToLower(name) != name || len(name) > regname.MaxLen || strings.ContainsAny(name, "/\\\x00 \t\n\"'") {
 			t.Fatalf("registry %q accepted", name)
 		}
 	})
