@@ -41,6 +41,9 @@ func Check(name string) error {
 		if ip := net.ParseIP(host); ip == nil || ip.To4() != nil || !strings.Contains(host, ":") {
 			return bad("not an IPv6 address in brackets")
 		}
+		if l := strings.ToLower(host); l != host {
+			return bad(fmt.Sprintf("upper case; registry names are lower case (%q)", "["+l+"]"))
+		}
 		if port != "" {
 			p, ok := strings.CutPrefix(port, ":")
 			if !ok {

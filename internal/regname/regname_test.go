@@ -68,6 +68,8 @@ func TestCheck(t *testing.T) {
 		{"[::1]:", false},
 		{"[fe80::1%eth0]", false},
 		{"[1.2.3.4]", false},
+		{"[::0A]", false}, // found by FuzzRegistryName
+		{"[FD00::1]:5000", false},
 		{"[]", false},
 		{"999.1.1.1", false},
 		{"1.2.3.04", false},
