@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/pelletier/go-toml/v2"
+
+	"github.com/node-mirror/node-mirror/internal/regname"
 )
 
 // DefaultRegistries are mirrored when neither the config file nor flags name any.
@@ -230,6 +232,9 @@ func (c *Config) SetUpstreams(pairs []string) error {
 		if !ok || name == "" || u == "" {
 			return fmt.Errorf("--upstream %q: want NAME=URL, e.g. docker.io=https://registry-1.docker.io", p)
 		}
+		if err := regname.Check(name); err != nil {
+			return fmt.Errorf("--upstream %q: %w", p, err)
+		}
 		i, seen := idx[name]
 		if !seen {
 			i = len(regs)
@@ -271,7 +276,10 @@ func (c *Config) Validate() error {
 	seen := map[string]bool{}
 	for i := range c.Registries {
 		r := &c.Registries[i]
-		if err := validRegistryName(r.Name); err != nil {
+		if r.Name == "" {
+			return errors.New("registry with empty name")
+		}
+		if err := regname.Check(r.Name); err != nil {
 			return err
 		}
 		if seen[r.Name] {
@@ -296,6 +304,11 @@ func (c *Config) Validate() error {
 		}
 		if err := r.validateEndpointCredentials(); err != nil {
 			return fmt.Errorf("registry %q: %w", r.Name, err)
+		}
+	}
+	if c.DefaultRegistry != "" {
+		if err := regname.Check(c.DefaultRegistry); err != nil {
+			return fmt.Errorf("default_registry: %w", err)
 		}
 	}
 	if c.DefaultRegistry != "" && !seen[c.DefaultRegistry] {
@@ -366,15 +379,4 @@ func DefaultEndpoint(name string) string {
 		return "https://registry-1.docker.io"
 	}
 	return "https://" + name
-}
-
-func validRegistryName(name string) error {
-	if name == "" {
-		return errors.New("registry with empty name")
-	}
-	u, err := url.Parse("https://" + name)
-	if err != nil || u.Host != name || strings.ContainsAny(name, "/?#@") {
-		return fmt.Errorf("registry name %q is not a host[:port]", name)
-	}
-	return nil
 }

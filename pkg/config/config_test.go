@@ -1,8 +1,11 @@
 package config
 
 import (
+	"encoding/json"
 	"os"
 	"path/filepath"
+	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -126,7 +129,7 @@ func TestValidate(t *testing.T) {
 		{"defaults", func(*Config) {}, ""},
 		{"no registries", func(c *Config) { c.Registries = nil }, "no registries"},
 		{"duplicate", func(c *Config) { c.Registries = append(c.Registries, Registry{Name: "docker.io"}) }, "twice"},
-		{"bad name", func(c *Config) { c.Registries = []Registry{{Name: "a/b"}} }, "not a host"},
+		{"bad name", func(c *Config) { c.Registries = []Registry{{Name: "a/b"}} }, `registry "a/b"`},
 		{"bad endpoint", func(c *Config) { c.Registries = []Registry{{Name: "a.io", Endpoints: []string{"ftp://a"}}} }, "not an http"},
 		{"host with port", func(c *Config) { c.Registries = []Registry{{Name: "localhost:5000"}} }, ""},
 		{"endpoint credentials for another host", func(c *Config) {
@@ -290,5 +293,99 @@ func TestSizeRoundTrips(t *testing.T) {
 		if err != nil || back != s {
 			t.Errorf("%s -> %q -> %+v, %v; want %+v", in, s.String(), back, err, s)
 		}
+	}
+}
+
+// Registry names reach the daemon from three places, and each one becomes a route, a key
+// in the index and, with no endpoint given, the host of a URL the daemon dials with the
+// registry's credentials. All three take the rule install uses (internal/regname): a
+// lower-case host[:port] and nothing else. Before, ".." and "Docker.io" were taken.
+func TestRegistryNames(t *testing.T) {
+	bad := []string{
+		"..",
+		".",
+		"../etc",
+		"a/b",
+		"docker.io/library",
+		"docker.io.",
+		"a..b",
+		"Docker.io",
+		"GHCR.IO:443",
+		"a_b.io",
+		"_default",
+		"host:",
+		"host:0",
+		"host:65536",
+		"host:05000",
+		"::1",
+		"[fe80::1%eth0]",
+		"[::1]x",
+		"user@host",
+		"host?x",
+		"host#x",
+		"a b",
+		"ho\nst",
+		"ho\x00st",
+		"%2e%2e",
+		"1.2.3.04",
+		"dоcker.io", // Cyrillic o
+		strings.Repeat("a", 64) + ".io",
+		strings.Repeat("abcdefgh.", 29) + "io", // 263 characters, every label short
+	}
+	good := []string{"docker.io", "localhost:5000", "127.0.0.1:5000", "[::1]:5000", "registry.k8s.io"}
+	// tomlString quotes s as a TOML basic string; JSON's escapes are all valid TOML.
+	tomlString := func(s string) string {
+		b, _ := json.Marshal(s)
+		return string(b)
+	}
+	routes := []struct {
+		name string
+		load func(t *testing.T, reg string) error
+	}{
+		{"[[registry]] name", func(t *testing.T, reg string) error {
+			c, err := Load(write(t, "[[registry]]\nname = "+tomlString(reg)+"\n"))
+			if err != nil {
+				t.Fatalf("Load: %v", err)
+			}
+			return c.Validate()
+		}},
+		{"--upstream", func(t *testing.T, reg string) error {
+			c := Default()
+			if err := c.SetUpstreams([]string{reg + "=http://127.0.0.1:1"}); err != nil {
+				if !strings.Contains(err.Error(), "--upstream") {
+					t.Errorf("error %q does not name the flag", err)
+				}
+				return err
+			}
+			return c.Validate()
+		}},
+		{"default_registry", func(t *testing.T, reg string) error {
+			c, err := Load(write(t, "default_registry = "+tomlString(reg)+"\n"))
+			if err != nil {
+				t.Fatalf("Load: %v", err)
+			}
+			err = c.Validate()
+			if err == nil && !slices.Contains(DefaultRegistries, reg) && c.DefaultRegistry != "" {
+				t.Errorf("default_registry %q kept though no such registry is configured", reg)
+			}
+			return err
+		}},
+	}
+	for _, r := range routes {
+		t.Run(r.name, func(t *testing.T) {
+			for _, name := range bad {
+				err := r.load(t, name)
+				if err == nil {
+					t.Errorf("%q accepted", name)
+				} else if !strings.Contains(err.Error(), strconv.Quote(name)) {
+					t.Errorf("%q: error %q does not name it", name, err)
+				}
+			}
+			for _, name := range good {
+				if err := r.load(t, name); err != nil {
+					t.Errorf("%q refused: %v", name, err)
+				}
+			}
+		})
 	}
 }

@@ -9,8 +9,7 @@ import (
 	"github.com/pelletier/go-toml/v2/unstable"
 )
 
-// defaultContainerdHostsDir is where node-mirror points config_path when it has to set it,
-// and the first directory containerd 2.x reads when config_path is unset.
+// defaultContainerdHostsDir is where node-mirror points config_path when it has to set it.
 const defaultContainerdHostsDir = "/etc/containerd/certs.d"
 
 // containerdConfig is what install needs to know about /etc/containerd/config.toml.
@@ -81,17 +80,31 @@ func readContainerdConfig(file string, b []byte) (*tomlDoc, containerdConfig, er
 	return d, c, nil
 }
 
-// hostsDir is the directory containerd reads hosts.toml files from, and whether
-// config.toml has to be changed to make it read one at all.
+// hostsDir is the directory install writes hosts.toml files into, and whether config.toml
+// has to be changed so that containerd's CRI reads it.
+//
+// Only a config_path of one directory is read by every containerd. An empty or missing one
+// makes 1.x's CRI read no directory at all, and 2.x's CRI default it to the list
+// "/etc/containerd/certs.d:/etc/docker/certs.d"; every CRI pull in 2.x (unless
+// use_local_image_pull) goes through the transfer service, which takes a list for one
+// directory by that name, finds no hosts.toml and goes to the registry directly
+// (containerd#12808, #12415). A list written in config.toml fails in 2.x the same way,
+// whatever config version the file has, since 2.x migrates the older ones. So an empty
+// value or a list is replaced by one directory: the list's first, where containerd would
+// have looked first.
 func (c containerdConfig) hostsDir() (dir string, needsSet bool) {
-	if c.configPath != "" {
-		// config_path is a list; containerd uses the first directory that has the host.
-		return filepath.SplitList(c.configPath)[0], false
+	switch dirs := filepath.SplitList(c.configPath); len(dirs) {
+	case 0:
+		return defaultContainerdHostsDir, true
+	case 1:
+		return dirs[0], false
+	default:
+		return dirs[0], true
 	}
-	// containerd 2.x (config version 3 and up) defaults an empty config_path to
-	// /etc/containerd/certs.d:/etc/docker/certs.d; 1.x then reads no directory at all.
-	return defaultContainerdHostsDir, c.version < 3
 }
+
+// isList tells whether config_path names more than one directory.
+func (c containerdConfig) isList() bool { return len(filepath.SplitList(c.configPath)) > 1 }
 
 // setConfigPath writes config_path = dir into the registry table, editing the text so the
 // rest of the file (comments, layout, other settings) is left byte for byte.
@@ -101,7 +114,7 @@ func setConfigPath(file string, d *tomlDoc, c containerdConfig, dir string) ([]b
 	switch i, t := d.find(unstable.KeyValue, key...), d.find(unstable.Table, c.registry...); {
 	case i >= 0:
 		e := d.exprs[i]
-		b = splice(b, e.valStart, e.valEnd, tomlString(dir))
+		b = splice(b, e.valStart, e.valEnd, tomlStringLike(b[e.valStart:e.valEnd], dir))
 	case t >= 0:
 		e := d.exprs[t]
 		indent := indentOf(b, e.start) + "  "
@@ -209,7 +222,7 @@ func revertConfigPath(file string, cur, orig []byte, ours string) ([]byte, error
 	}
 	e := d.exprs[i]
 	if oc.set {
-		return splice(cur, e.valStart, e.valEnd, tomlString(oc.configPath)), nil
+		return splice(cur, e.valStart, e.valEnd, tomlStringLike(cur[e.valStart:e.valEnd], oc.configPath)), nil
 	}
 	b := splice(cur, e.start, e.end, "")
 	od, err := parseTOML(file, orig)
@@ -233,6 +246,15 @@ func revertConfigPath(file string, cur, orig []byte, ours string) ([]byte, error
 		}
 	}
 	return b, nil
+}
+
+// tomlStringLike writes s as a TOML string quoted like the value it replaces: containerd
+// 2.x's generated configs use literal strings ('...'), and an edit should not stand out.
+func tomlStringLike(was []byte, s string) string {
+	if len(was) > 0 && was[0] == '\'' && !strings.ContainsAny(s, "'\r\n") && tomlString(s) == `"`+s+`"` {
+		return "'" + s + "'"
+	}
+	return tomlString(s)
 }
 
 // line is the line where the expression at path (or the first one inside it) starts.

@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/node-mirror/node-mirror/internal/regname"
 	"github.com/node-mirror/node-mirror/pkg/config"
 )
 
@@ -83,11 +84,15 @@ func (pl *planner) containerd() []string {
 		return nil
 	}
 	disk := pl.plan.onDisk(containerdConfigFile)
-	if !c.exists {
-		pl.plan.note("containerd: no %s; containerd 2.x reads %s by default, 1.x needs "+
-			"config_path = %q in its CRI registry table (plugins.\"io.containerd.grpc.v1.cri\".registry) for Kubernetes pulls",
-			disk, dir, dir)
-	} else {
+	switch {
+	case !c.exists:
+		// Without a config.toml, neither 1.x's CRI nor 2.x's reads any hosts.toml (see
+		// hostsDir), so one that sets config_path and nothing else is written.
+		c.new = []byte(newContainerdConfig(dir))
+		paths = append(paths, containerdConfigFile)
+		pl.plan.note("containerd: no %s; writing one that sets only config_path = %q, for Kubernetes (CRI) pulls; "+
+			"restart containerd to read it (systemctl restart containerd; running containers keep running)", disk, dir)
+	default:
 		d, cfg, err := readContainerdConfig(disk, c.old)
 		if err != nil {
 			pl.fail(err)
@@ -108,6 +113,9 @@ func (pl *planner) containerd() []string {
 			}
 			c.new = b
 			paths = append(paths, containerdConfigFile)
+			if cfg.isList() {
+				pl.noteListDropped(cfg.configPath, dir)
+			}
 			pl.plan.note("containerd: set config_path = %q in %s; restart containerd to read it (systemctl restart containerd; running containers keep running)", dir, disk)
 		} else if r := pl.state.record(containerdConfigFile); r != nil {
 			// An earlier install set config_path; it is still ours to undo.
@@ -116,6 +124,48 @@ func (pl *planner) containerd() []string {
 	}
 	paths = append(paths, pl.hostsFiles(Containerd, dir)...)
 	return paths
+}
+
+// newContainerdConfig is the config.toml install writes where there was none. Version 2
+// is the one both 1.x (1.3 and later) and 2.x read; 2.x migrates it on load.
+func newContainerdConfig(dir string) string {
+	return "# Written by `node-mirror install`, which found no config.toml: containerd's CRI reads\n" +
+		"# hosts.toml files only from config_path. `node-mirror uninstall` removes this file.\n" +
+		"version = 2\n\n" +
+		"[plugins.\"io.containerd.grpc.v1.cri\".registry]\n" +
+		"  config_path = " + tomlString(dir) + "\n"
+}
+
+// noteListDropped tells the operator which directories of a config_path list containerd
+// stops reading once install has replaced the list with its first one, and which
+// registries configured there that leaves unread.
+func (pl *planner) noteListDropped(list, kept string) {
+	for _, d := range filepath.SplitList(list)[1:] {
+		if !filepath.IsAbs(d) {
+			continue
+		}
+		ents, err := os.ReadDir(pl.plan.onDisk(d))
+		if err != nil {
+			continue // nothing there to lose
+		}
+		var regs []string
+		for _, e := range ents {
+			name := e.Name()
+			if name == "_default" && slices.Contains(pl.opts.Registries, Wildcard) || slices.Contains(pl.opts.Registries, name) {
+				continue // install writes its own hosts.toml for it in kept, which came first anyway
+			}
+			if e.IsDir() {
+				if _, err := os.Stat(pl.plan.onDisk(filepath.Join(kept, e.Name()))); err != nil {
+					regs = append(regs, name)
+				}
+			}
+		}
+		if len(regs) > 0 {
+			pl.plan.note("containerd: config_path was the list %q, which containerd 2.x's CRI pulls read as one directory that does not exist (containerd#12808); "+
+				"install sets it to %s alone, so the hosts configured in %s (%s) are no longer read: move them to %s",
+				list, kept, pl.plan.onDisk(d), strings.Join(regs, ", "), pl.plan.onDisk(kept))
+		}
+	}
 }
 
 // hostsFiles plans <dir>/<registry>/hosts.toml for each registry.
@@ -193,7 +243,7 @@ func (pl *planner) crio() []string {
 			regs = config.DefaultRegistries
 		}
 		for _, r := range regs {
-			if err := validRegistry(r); err != nil {
+			if err := regname.Check(r); err != nil {
 				pl.fail(fmt.Errorf("registries served by the mirror: %w", err))
 				return nil
 			}

@@ -3,6 +3,7 @@ package hosts
 import (
 	"bytes"
 	"encoding/json"
+	"os"
 	"path/filepath"
 	"reflect"
 	"slices"
@@ -10,6 +11,8 @@ import (
 	"testing"
 
 	"github.com/pelletier/go-toml/v2"
+
+	"github.com/node-mirror/node-mirror/internal/regname"
 )
 
 // Each merger either refuses or produces a file that parses, has our entry first, is
@@ -63,6 +66,13 @@ func FuzzMergeHostsTOML(f *testing.F) {
 
 func FuzzSetConfigPath(f *testing.F) {
 	f.Add([]byte(debianConfig))
+	for _, in := range []string{"containerd2-default", "containerd2-list", "containerd2-no-registry"} {
+		b, err := os.ReadFile(filepath.Join("testdata/in", in, containerdConfigFile))
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(b)
+	}
 	f.Fuzz(func(t *testing.T, in []byte) {
 		d, c, err := readContainerdConfig("config.toml", in)
 		if err != nil {
@@ -189,7 +199,7 @@ func FuzzRegistryName(f *testing.F) {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, name string) {
-		if validRegistry(name) != nil {
+		if regname.Check(name) != nil {
 			return
 		}
 		const dir = "/etc/containerd/certs.d"
@@ -197,7 +207,7 @@ func FuzzRegistryName(f *testing.F) {
 		if filepath.Dir(filepath.Dir(p)) != dir || registryOfHostsPath(p) != name {
 			t.Fatalf("registry %q makes %s, outside %s", name, p, dir)
 		}
-		if strings.ToLower(name) != name || len(name) > maxHostLen+6 || strings.ContainsAny(name, "/\\\x00 \t\n\"'") {
+		if strings.ToLower(name) != name || len(name) > regname.MaxLen || strings.ContainsAny(name, "/\\\x00 \t\n\"'") {
 			t.Fatalf("registry %q accepted", name)
 		}
 	})

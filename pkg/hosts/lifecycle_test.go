@@ -308,3 +308,47 @@ func TestUninstallLeavesEmptyRegistryMirrors(t *testing.T) {
 }
 
 func ptr[T any](v T) *T { return &v }
+
+// A config.toml edited after install loses only the config_path install set: the value
+// it had goes back as it was written (containerd 2.x's own configs quote with '), and a
+// file install created keeps the operator's edit but not our key.
+func TestConfigPathRevertedAfterEdits(t *testing.T) {
+	v3 := func(v string) string {
+		return "version = 3\n\n[plugins.'io.containerd.cri.v1.images'.registry]\n  config_path = " + v + "\n"
+	}
+	for _, tc := range []struct {
+		name   string
+		before *string // config.toml before install; nil: none
+		want   string  // after uninstall, without the edit; "" checks only what is below
+	}{
+		{name: "2.x empty, literal", before: ptr(v3("''")), want: v3("''")},
+		{name: "2.x list, literal", before: ptr(v3("'/etc/containerd/certs.d:/etc/docker/certs.d'")), want: v3("'/etc/containerd/certs.d:/etc/docker/certs.d'")},
+		{name: "2.x empty, basic", before: ptr(v3(`""`)), want: v3(`""`)},
+		{name: "1.x unset", before: ptr(debianConfig), want: debianConfig},
+		{name: "none"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			root := t.TempDir()
+			if tc.before != nil {
+				writeFiles(t, root, map[string]string{containerdConfigFile: *tc.before})
+			}
+			install(t, Options{Root: root, MirrorURL: testMirror, Registries: []string{"docker.io"}, Engines: []string{Containerd}})
+			if _, c, err := readContainerdConfig("config.toml", []byte(read(t, root, containerdConfigFile))); err != nil || c.configPath != defaultContainerdHostsDir {
+				t.Fatalf("install set config_path %q (%v), want %q", c.configPath, err, defaultContainerdHostsDir)
+			}
+			appendTo(t, root, containerdConfigFile, "# tuned by ops\n")
+			uninstall(t, root)
+			got := read(t, root, containerdConfigFile)
+			if tc.want != "" {
+				if got != tc.want+"# tuned by ops\n" {
+					t.Errorf("config.toml after uninstall:\n%s\nwant:\n%s# tuned by ops", got, tc.want)
+				}
+				return
+			}
+			_, c, err := readContainerdConfig("config.toml", []byte(got))
+			if err != nil || c.set || !strings.Contains(got, "# tuned by ops\n") {
+				t.Errorf("config.toml after uninstall (err %v) keeps config_path (%v) or loses the edit:\n%s", err, c.set, got)
+			}
+		})
+	}
+}

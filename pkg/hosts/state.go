@@ -13,6 +13,8 @@ import (
 	"slices"
 	"strings"
 	"syscall"
+
+	"github.com/node-mirror/node-mirror/internal/regname"
 )
 
 // StatePath is where install records what it changed, below --root. uninstall reads it to
@@ -265,7 +267,7 @@ func (k files) check(r fileRecord) bool {
 	case kindHostsTOML:
 		reg := registryOfHostsPath(r.Path)
 		return filepath.Base(r.Path) == "hosts.toml" &&
-			(reg == "_default" || validRegistry(reg) == nil) &&
+			(reg == "_default" || regname.Check(reg) == nil) &&
 			slices.Contains(k.hostsDirs[r.Engine], filepath.Dir(filepath.Dir(r.Path))) &&
 			(r.AddedServer == "" || r.AddedServer == serverFor(reg))
 	}
@@ -289,7 +291,7 @@ func (k files) dirOK(d string) bool {
 			if within(h) {
 				return true
 			}
-			if filepath.Dir(d) == h && (filepath.Base(d) == "_default" || validRegistry(filepath.Base(d)) == nil) {
+			if filepath.Dir(d) == h && (filepath.Base(d) == "_default" || regname.Check(filepath.Base(d)) == nil) {
 				return true
 			}
 		}

@@ -73,7 +73,6 @@ func TestInstallRealEngines(t *testing.T) {
 	}
 }
 
-
 // installHaveBlobs checks the mirror's content store holds every digest: the pull went
 // through the mirror.
 func installHaveBlobs(t *testing.T, dataDir string, digests []v1.Hash, who string) {
