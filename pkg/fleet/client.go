@@ -21,14 +21,72 @@ func (f *Fleet) Fetch(ctx context.Context, m Member, req ChunkRequest) (io.ReadC
 	if err := req.validate(f.cfg.MaxChunkSize); err != nil {
 		return nil, &FetchError{Peer: m.Name, Reason: FallbackError, Err: fmt.Errorf("invalid chunk request: %w", err)}
 	}
+	resp, cancel, err := f.get(ctx, m, req.target())
+	if err != nil {
+		return nil, err
+	}
+	if resp.ContentLength != req.Length {
+		return nil, f.broken(m, resp, cancel, fmt.Errorf("Content-Length %d, want %d", resp.ContentLength, req.Length))
+	}
+	f.fetchOK(m.Name)
+	return f.newPeerBody(ctx, m.Name, resp.Body, cancel, req.Length), nil
+}
+
+// FetchManifest asks member m for a manifest by digest and returns its body and media
+// type (as a bare "type/subtype", lower-cased). Timeouts, backoff and errors are as for
+// Fetch. The response must declare its Content-Length: one over Config.MaxManifestSize
+// is refused before a byte of the body is read, a body shorter than declared fails, and
+// nothing beyond the declared length is read, so at most MaxManifestSize bytes ever are.
+//
+// FetchManifest does not verify the body against req.Digest, and the media type is the
+// peer's word, covered by no digest: the caller verifies the body (and calls ReportFault
+// when it is wrong) and checks the media type against it as it does upstream's
+// Content-Type.
+func (f *Fleet) FetchManifest(ctx context.Context, m Member, req ManifestRequest) (body []byte, mediaType string, err error) {
+	if err := req.validate(); err != nil {
+		return nil, "", &FetchError{Peer: m.Name, Reason: FallbackError, Err: fmt.Errorf("invalid manifest request: %w", err)}
+	}
+	resp, cancel, err := f.get(ctx, m, req.target())
+	if err != nil {
+		return nil, "", err
+	}
+	size, limit := resp.ContentLength, f.cfg.MaxManifestSize
+	switch {
+	case size < 0:
+		return nil, "", f.broken(m, resp, cancel, errors.New("no Content-Length"))
+	case size > limit:
+		return nil, "", f.broken(m, resp, cancel, fmt.Errorf("manifest of %d bytes, over the %d-byte limit", size, limit))
+	}
+	ct := resp.Header.Values("Content-Type")
+	if len(ct) != 1 {
+		return nil, "", f.broken(m, resp, cancel, fmt.Errorf("%d Content-Type headers, want 1", len(ct)))
+	}
+	if mediaType, err = parseMediaType(ct[0]); err != nil {
+		return nil, "", f.broken(m, resp, cancel, err)
+	}
+	b := f.newPeerBody(ctx, m.Name, resp.Body, cancel, size)
+	defer b.Close()
+	body = make([]byte, size)
+	// The body fails (a *FetchError, with the backoff applied) rather than end short.
+	if _, err := io.ReadFull(b, body); err != nil {
+		return nil, "", err
+	}
+	f.fetchOK(m.Name)
+	return body, mediaType, nil
+}
+
+// get sends a signed GET for target to m and returns the response if it is a 200, with
+// the function that ends the request. Otherwise it returns a *FetchError, and m is in
+// backoff if the failure was m's.
+func (f *Fleet) get(ctx context.Context, m Member, target string) (*http.Response, context.CancelFunc, error) {
 	if m.PeerAddr == "" {
-		return nil, &FetchError{Peer: m.Name, Reason: FallbackDown, Err: errors.New("no peer address")}
+		return nil, nil, &FetchError{Peer: m.Name, Reason: FallbackDown, Err: errors.New("no peer address")}
 	}
 	fctx, cancel := context.WithCancel(ctx)
-	hreq, err := http.NewRequestWithContext(fctx, http.MethodGet, f.scheme+"://"+m.PeerAddr+req.target(), nil)
+	hreq, err := http.NewRequestWithContext(fctx, http.MethodGet, f.scheme+"://"+m.PeerAddr+target, nil)
 	if err != nil {
 		cancel()
-		return nil, &FetchError{Peer: m.Name, Reason: FallbackError, Err: err}
+		return nil, nil, &FetchError{Peer: m.Name, Reason: FallbackError, Err: err}
 	}
 	f.sign.sign(hreq, f.name, time.Now())
 	resp, err := f.client.Do(hreq)
@@ -40,7 +98,7 @@ func (f *Fleet) Fetch(ctx context.Context, m Member, req ChunkRequest) (io.ReadC
 		} else {
 			fe.Reason, fe.Err = FallbackError, ctx.Err()
 		}
-		return nil, fe
+		return nil, nil, fe
 	}
 	if resp.StatusCode != http.StatusOK {
 		// The error body is a small envelope; read a little so the connection can be
@@ -54,25 +112,31 @@ func (f *Fleet) Fetch(ctx context.Context, m Member, req ChunkRequest) (io.ReadC
 		default:
 			f.softFailure(m.Name)
 		}
-		return nil, &FetchError{Peer: m.Name, Reason: reason, Status: resp.StatusCode, Err: sentinel}
+		return nil, nil, &FetchError{Peer: m.Name, Reason: reason, Status: resp.StatusCode, Err: sentinel}
 	}
-	if resp.ContentLength != req.Length {
-		resp.Body.Close()
-		cancel()
-		f.softFailure(m.Name)
-		return nil, &FetchError{Peer: m.Name, Reason: FallbackError, Status: resp.StatusCode,
-			Err: fmt.Errorf("Content-Length %d, want %d", resp.ContentLength, req.Length)}
-	}
-	f.fetchOK(m.Name)
+	return resp, cancel, nil
+}
+
+// broken drops a 200 response whose headers are wrong, puts m in backoff and returns the
+// error.
+func (f *Fleet) broken(m Member, resp *http.Response, cancel context.CancelFunc, err error) error {
+	resp.Body.Close()
+	cancel()
+	f.softFailure(m.Name)
+	return &FetchError{Peer: m.Name, Reason: FallbackError, Status: resp.StatusCode, Err: err}
+}
+
+// newPeerBody wraps a 200 response's body of length bytes from the named member.
+func (f *Fleet) newPeerBody(ctx context.Context, name string, body io.ReadCloser, cancel context.CancelFunc, length int64) *peerBody {
 	b := &peerBody{
 		f:         f,
 		ctx:       ctx,
-		name:      m.Name,
-		rec:       f.peerRecord(m.Name),
-		body:      resp.Body,
+		name:      name,
+		rec:       f.peerRecord(name),
+		body:      body,
 		cancel:    cancel,
 		idle:      f.cfg.IdleTimeout,
-		remaining: req.Length,
+		remaining: length,
 	}
 	// The idle timer runs only while a Read waits for the peer: a caller that pauses
 	// between reads is not a stalled peer.
@@ -81,7 +145,7 @@ func (f *Fleet) Fetch(ctx context.Context, m Member, req ChunkRequest) (io.ReadC
 		cancel()
 	})
 	b.timer.Stop()
-	return b, nil
+	return b
 }
 
 // classify names the fallback reason for an error from the HTTP client.
@@ -95,7 +159,7 @@ func classify(err error) string {
 	return FallbackError
 }
 
-// peerBody is a chunk body from a peer: exactly its length, or an error.
+// peerBody is a chunk or manifest body from a peer: exactly its length, or an error.
 type peerBody struct {
 	f         *Fleet
 	ctx       context.Context // the caller's: its cancellation is not the peer's failure

@@ -2,6 +2,7 @@ package fleet
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -9,7 +10,9 @@ import (
 	"net"
 	"net/http"
 	"slices"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -372,5 +375,214 @@ func TestNoteFallbackBoundsLabels(t *testing.T) {
 		if mf.GetName() == "node_mirror_peer_fallbacks_total" && len(mf.GetMetric()) != 5 {
 			t.Fatalf("%d reason labels, want the 5 defined", len(mf.GetMetric()))
 		}
+	}
+}
+
+func TestFetchManifestFromMisbehavingPeers(t *testing.T) {
+	const bound = 4096
+	body := testManifestBody(1000)
+	req := manifestReq(digest.FromBytes(body))
+	head := func(ct string, cl int) string {
+		return fmt.Sprintf("HTTP/1.1 200 OK\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n", ct, cl)
+	}
+	// answer is a peer that sends s and then holds the connection open.
+	answer := func(s ...string) func(t *testing.T) string {
+		return func(t *testing.T) string {
+			return fakePeer(t, func(c net.Conn, _ *http.Request) { io.WriteString(c, strings.Join(s, "")) })
+		}
+	}
+	closed := func(*testing.T) string {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		addr := ln.Addr().String()
+		ln.Close()
+		return addr
+	}
+	big := string(testManifestBody(bound + 1))
+	tests := []struct {
+		name string
+		addr func(t *testing.T) string
+		// want, when set, is the body of a success, and wantType its media type.
+		want     []byte
+		wantType string
+		reason   string
+		status   int
+		sentinel error
+		soft     bool // counts as a soft failure: Owners skips the peer for a while
+		readNone bool // refused before reading a byte of the body
+	}{
+		{name: "ok", addr: answer(head(ociManifest, len(body)), string(body)), want: body, wantType: ociManifest},
+		{name: "exactly the bound", addr: answer(head(ociManifest, bound), string(testManifestBody(bound))),
+			want: testManifestBody(bound), wantType: ociManifest},
+		{name: "media type with parameters, upper case", addr: answer(head("Application/VND.OCI.Image.Manifest.v1+JSON; charset=utf-8", len(body)), string(body)),
+			want: body, wantType: ociManifest},
+
+		{name: "nothing listens", addr: closed, reason: FallbackDown, soft: true},
+		{name: "accepts, sends nothing", addr: answer(), reason: FallbackTimeout, soft: true},
+		{name: "headers, then stalls", addr: answer(head(ociManifest, len(body))), reason: FallbackTimeout, status: 200, soft: true},
+		{name: "half the body, then stalls", addr: answer(head(ociManifest, len(body)), string(body[:500])), reason: FallbackTimeout, status: 200, soft: true},
+		{name: "all but the last byte, then stalls", addr: answer(head(ociManifest, len(body)), string(body[:999])), reason: FallbackTimeout, status: 200, soft: true},
+		{name: "short body, then closes", addr: func(t *testing.T) string {
+			return fakePeer(t, func(c net.Conn, _ *http.Request) {
+				io.WriteString(c, head(ociManifest, len(body))+string(body[:500]))
+				c.Close()
+			})
+		}, reason: FallbackError, status: 200, soft: true},
+		{name: "Content-Length one more than the body, then closes", addr: func(t *testing.T) string {
+			return fakePeer(t, func(c net.Conn, _ *http.Request) {
+				io.WriteString(c, head(ociManifest, len(body)+1)+string(body))
+				c.Close()
+			})
+		}, reason: FallbackError, status: 200, soft: true},
+		{name: "Content-Length one over the bound", addr: answer(head(ociManifest, bound+1), big),
+			reason: FallbackError, status: 200, soft: true, readNone: true},
+		{name: "Content-Length of a GiB", addr: answer(head(ociManifest, 1<<30), big),
+			reason: FallbackError, status: 200, soft: true, readNone: true},
+		{name: "chunked, no Content-Length", addr: answer("HTTP/1.1 200 OK\r\nContent-Type: "+ociManifest+"\r\nTransfer-Encoding: chunked\r\n\r\n",
+			fmt.Sprintf("%x\r\n%s\r\n0\r\n\r\n", len(body), body)), reason: FallbackError, status: 200, soft: true, readNone: true},
+		{name: "chunked, over the bound", addr: answer("HTTP/1.1 200 OK\r\nContent-Type: "+ociManifest+"\r\nTransfer-Encoding: chunked\r\n\r\n",
+			fmt.Sprintf("%x\r\n%s\r\n", len(big), big)), reason: FallbackError, status: 200, soft: true, readNone: true},
+		{name: "Content-Length not a number", addr: answer("HTTP/1.1 200 OK\r\nContent-Type: "+ociManifest+"\r\nContent-Length: 1e3\r\n\r\n", string(body)),
+			reason: FallbackError, soft: true, readNone: true},
+		{name: "no Content-Type", addr: answer(fmt.Sprintf("HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n", len(body)), string(body)),
+			reason: FallbackError, status: 200, soft: true, readNone: true},
+		{name: "two Content-Types", addr: answer(fmt.Sprintf("HTTP/1.1 200 OK\r\nContent-Type: %s\r\nContent-Type: text/html\r\nContent-Length: %d\r\n\r\n", ociManifest, len(body)), string(body)),
+			reason: FallbackError, status: 200, soft: true, readNone: true},
+		{name: "Content-Type without subtype", addr: answer(head("manifest", len(body)), string(body)),
+			reason: FallbackError, status: 200, soft: true, readNone: true},
+		{name: "Content-Type unparsable", addr: answer(head("application/json; charset", len(body)), string(body)),
+			reason: FallbackError, status: 200, soft: true, readNone: true},
+		{name: "Content-Type too long", addr: answer(head("application/"+strings.Repeat("x", 250), len(body)), string(body)),
+			reason: FallbackError, status: 200, soft: true, readNone: true},
+		{name: "redirect", addr: answer("HTTP/1.1 307 Temporary Redirect\r\nLocation: http://169.254.169.254/\r\nContent-Length: 0\r\n\r\n"),
+			reason: FallbackError, status: 307, soft: true, readNone: true},
+		{name: "500", addr: answer("HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n"),
+			reason: FallbackError, status: 500, soft: true, readNone: true},
+		{name: "401", addr: answer("HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n"),
+			reason: FallbackRefused, status: 401, sentinel: ErrUnauthorized, soft: true, readNone: true},
+		{name: "404 is an answer", addr: answer("HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"),
+			reason: FallbackError, status: 404, sentinel: ErrNotFound, readNone: true},
+		{name: "503 is an answer", addr: answer("HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"),
+			reason: FallbackError, status: 503, sentinel: ErrUnavailable, readNone: true},
+		{name: "429 is an answer", addr: answer("HTTP/1.1 429 Too Many Requests\r\nContent-Length: 0\r\n\r\n"),
+			reason: FallbackRefused, status: 429, sentinel: ErrTooManyRequests, readNone: true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			n := startNode(t, "node-a", nil, withTimeouts, func(c *Config) { c.MaxManifestSize = bound })
+			fake := addFakeMember(n.Fleet, "fake", tt.addr(t))
+			start := time.Now()
+			got, mt, err := n.FetchManifest(context.Background(), fake, req)
+			elapsed := time.Since(start)
+			in := statsOf(t, n.Fleet, "fake").BytesIn
+			if tt.want != nil {
+				if err != nil || !bytes.Equal(got, tt.want) || mt != tt.wantType {
+					t.Fatalf("got %d bytes, media type %q, err %v; want the %d bytes, %q", len(got), mt, err, len(tt.want), tt.wantType)
+				}
+				if in != int64(len(tt.want)) {
+					t.Fatalf("bytes in counted %d, want %d", in, len(tt.want))
+				}
+				if !slices.Contains(names(n.Owners(req.Digest, 0)), "fake") {
+					t.Fatal("a successful fetch put the peer in backoff")
+				}
+				return
+			}
+			if err == nil {
+				t.Fatalf("FetchManifest succeeded: %d bytes, %q", len(got), mt)
+			}
+			if got != nil || mt != "" {
+				t.Fatalf("a failure returned %d bytes and media type %q", len(got), mt)
+			}
+			t.Logf("failed after %v: %v", elapsed.Round(time.Millisecond), err)
+			if elapsed > quickly {
+				t.Errorf("took %v; the timeouts are %v, %v, %v", elapsed, testDial, testHeader, testIdle)
+			}
+			fe, ok := errors.AsType[*FetchError](err)
+			if !ok {
+				t.Fatalf("error %T %v is not a *FetchError", err, err)
+			}
+			if fe.Reason != tt.reason || FallbackReason(err) != tt.reason || fe.Peer != "fake" {
+				t.Errorf("reason %q, peer %q; want %q, fake", fe.Reason, fe.Peer, tt.reason)
+			}
+			if fe.Status != tt.status {
+				t.Errorf("status %d, want %d", fe.Status, tt.status)
+			}
+			if tt.sentinel != nil && !errors.Is(err, tt.sentinel) {
+				t.Errorf("errors.Is(%v, %v) is false", err, tt.sentinel)
+			}
+			if in > bound || (tt.readNone && in != 0) {
+				t.Errorf("read %d bytes of the body (bound %d, read none: %v)", in, bound, tt.readNone)
+			}
+			skipped := !slices.Contains(names(n.Owners(req.Digest, 0)), "fake")
+			if skipped != tt.soft {
+				t.Errorf("skipped by Owners: %v, want %v", skipped, tt.soft)
+			}
+		})
+	}
+}
+
+func statsOf(t *testing.T, f *Fleet, name string) PeerStats {
+	t.Helper()
+	for _, s := range f.Stats() {
+		if s.Name == name {
+			return s
+		}
+	}
+	t.Fatalf("%s has no stats for %s", f.Name(), name)
+	return PeerStats{}
+}
+
+func TestFetchManifestCallerCancelIsNotThePeersFault(t *testing.T) {
+	// The idle timeout is far away: only the cancel can end this fetch.
+	n := startNode(t, "node-a", nil, func(c *Config) { c.IdleTimeout = 10 * time.Minute })
+	stall := addFakeMember(n.Fleet, "stall", fakePeer(t, func(c net.Conn, _ *http.Request) {
+		io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Type: "+ociManifest+"\r\nContent-Length: 100\r\n\r\n0123456789")
+	}))
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	d := digest.FromString("m")
+	go func() {
+		_, _, err := n.FetchManifest(ctx, stall, manifestReq(d))
+		done <- err
+	}()
+	// Cancel once the body is being read: the first bytes were counted in.
+	waitFor(t, "the first bytes", convergeDeadline, func() bool { return statsOf(t, n.Fleet, "stall").BytesIn == 10 })
+	cancel()
+	if err := <-done; !errors.Is(err, context.Canceled) {
+		t.Fatalf("FetchManifest after cancel: %v", err)
+	}
+	if !slices.Contains(names(n.Owners(d, 0)), "stall") {
+		t.Fatal("a peer was put in backoff because our caller went away")
+	}
+}
+
+func TestFetchManifestRefusesInvalidRequests(t *testing.T) {
+	n := startNode(t, "node-a", nil)
+	var asked atomic.Int32
+	m := addFakeMember(n.Fleet, "fake", fakePeer(t, func(net.Conn, *http.Request) { asked.Add(1) }))
+	good := manifestReq(digest.FromString("m"))
+	for _, tt := range []struct {
+		name string
+		edit func(r *ManifestRequest)
+	}{
+		{"no digest", func(r *ManifestRequest) { r.Digest = "" }},
+		{"md5", func(r *ManifestRequest) { r.Digest = "md5:d41d8cd98f00b204e9800998ecf8427e" }},
+		{"tag", func(r *ManifestRequest) { r.Digest = "latest" }},
+		{"registry with path", func(r *ManifestRequest) { r.Registry = "docker.io/x" }},
+		{"repo with query", func(r *ManifestRequest) { r.Repo = "library/nginx?x=1" }},
+		{"hop 2", func(r *ManifestRequest) { r.Hop = 2 }},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			r := good
+			tt.edit(&r)
+			if _, _, err := n.FetchManifest(context.Background(), m, r); FallbackReason(err) != FallbackError {
+				t.Fatalf("FetchManifest(%+v): %v; want a FallbackError", r, err)
+			}
+		})
+	}
+	if asked.Load() != 0 {
+		t.Fatalf("the peer was asked %d times for invalid requests", asked.Load())
 	}
 }

@@ -8,8 +8,9 @@ import (
 	"strconv"
 )
 
-// Errors a ChunkSource returns (wrapped as it likes) to choose the status a peer sees, and
-// that Fetch returns (inside a *FetchError) for those statuses.
+// Errors a ChunkSource or ManifestSource returns (wrapped as it likes) to choose the status
+// a peer sees, and that Fetch and FetchManifest return (inside a *FetchError) for those
+// statuses.
 var (
 	ErrNotFound        = errors.New("not found")         // 404: no such blob, or hop 1 and not here
 	ErrUnavailable     = errors.New("unavailable")       // 503: upstream down or failing
@@ -29,7 +30,7 @@ const (
 
 var fallbackReasons = []string{FallbackDown, FallbackTimeout, FallbackRefused, FallbackFault, FallbackError}
 
-// FetchError is every error Fetch and the bodies it returns report. Reason is one of the
+// FetchError is every error Fetch, the bodies it returns, and FetchManifest report. Reason is one of the
 // Fallback* values; errors.Is(err, ErrNotFound) and friends work through Unwrap.
 type FetchError struct {
 	Peer   string
@@ -47,8 +48,8 @@ func (e *FetchError) Error() string {
 
 func (e *FetchError) Unwrap() error { return e.Err }
 
-// FallbackReason is the fallback reason for an error from Fetch or its body: err's
-// Reason if it is a *FetchError, FallbackError otherwise.
+// FallbackReason is the fallback reason for an error from Fetch, its body or
+// FetchManifest: err's Reason if it is a *FetchError, FallbackError otherwise.
 func FallbackReason(err error) string {
 	if fe, ok := errors.AsType[*FetchError](err); ok {
 		return fe.Reason
@@ -69,15 +70,17 @@ var (
 	errMethod          = wireError{http.StatusMethodNotAllowed, "UNSUPPORTED", "only GET and HEAD"}
 	errBadRequest      = wireError{http.StatusBadRequest, "BAD_REQUEST", "invalid peer request"}
 	errBlobUnknown     = wireError{http.StatusNotFound, "BLOB_UNKNOWN", "blob unknown to this member"}
-	errUnavailable     = wireError{http.StatusServiceUnavailable, "UNAVAILABLE", "blob unavailable"}
+	errManifestUnknown = wireError{http.StatusNotFound, "MANIFEST_UNKNOWN", "manifest unknown to this member"}
+	errUnavailable     = wireError{http.StatusServiceUnavailable, "UNAVAILABLE", "content unavailable"}
 	errTooManyRequests = wireError{http.StatusTooManyRequests, "TOOMANYREQUESTS", "upstream registry is rate-limiting"}
 )
 
-// toWire is the one place where a source's errors become statuses.
-func toWire(err error) wireError {
+// toWire is the one place where a source's errors become statuses; unknown is the 404
+// for the kind of content asked for.
+func toWire(err error, unknown wireError) wireError {
 	switch {
 	case errors.Is(err, ErrNotFound):
-		return errBlobUnknown
+		return unknown
 	case errors.Is(err, ErrTooManyRequests):
 		return errTooManyRequests
 	default:

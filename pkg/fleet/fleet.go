@@ -78,6 +78,9 @@ type Config struct {
 	HeaderTimeout time.Duration // from request sent to response headers; default 3s
 	IdleTimeout   time.Duration // a body that delivers nothing for this long is aborted; default 5s
 	MaxChunkSize  int64         // the largest Length served or asked; default DefaultMaxChunkSize
+	// MaxManifestSize is the largest manifest served or accepted; default
+	// DefaultMaxManifestSize. Set it to the mirror's own limit.
+	MaxManifestSize int64
 
 	health healthPolicy // tests shorten it
 }
@@ -239,6 +242,9 @@ func (c *Config) normalize() error {
 	if c.MaxChunkSize <= 0 {
 		c.MaxChunkSize = DefaultMaxChunkSize
 	}
+	if c.MaxManifestSize <= 0 {
+		c.MaxManifestSize = DefaultMaxManifestSize
+	}
 	if c.health == (healthPolicy{}) {
 		c.health = defaultHealth
 	}
@@ -384,15 +390,16 @@ func (f *Fleet) ReportFault(name string) {
 	}
 }
 
-// NoteFallback counts a chunk fetched from upstream instead of its owner; reason is one
-// of the Fallback* values (FallbackReason(err) for an error from Fetch).
+// NoteFallback counts a chunk or manifest fetched from upstream instead of its owner;
+// reason is one of the Fallback* values (FallbackReason(err) for an error from Fetch or
+// FetchManifest).
 func (f *Fleet) NoteFallback(reason string) { f.metrics.fallback(reason) }
 
 // PeerStats is one member's line in `status`.
 type PeerStats struct {
 	Member
-	BytesIn          int64     `json:"bytes_in"`  // chunk bytes this node fetched from it
-	BytesOut         int64     `json:"bytes_out"` // chunk bytes this node served to it
+	BytesIn          int64     `json:"bytes_in"`  // chunk and manifest bytes this node fetched from it
+	BytesOut         int64     `json:"bytes_out"` // chunk and manifest bytes this node served to it
 	Faults           int64     `json:"faults"`
 	QuarantinedUntil time.Time `json:"quarantined_until,omitzero"`
 	BackoffUntil     time.Time `json:"backoff_until,omitzero"` // after soft failures
@@ -430,17 +437,19 @@ func (f *Fleet) forgetLocked(now time.Time) {
 }
 
 // Handler is the peer API for src: GET and HEAD of /peer/v1/blobs/<digest>?registry=&repo=
-// &size=&offset=&length=&hop=, every request authenticated with the fleet key. Serve runs
-// it; a caller running its own server needs header timeouts but no write timeout (chunks
-// stream as they arrive from upstream).
+// &size=&offset=&length=&hop= and, if src is also a ManifestSource, of
+// /peer/v1/manifests/<digest>?registry=&repo=&hop=; every request authenticated with the
+// fleet key. Serve runs it; a caller running its own server needs header timeouts but no
+// write timeout (chunks stream as they arrive from upstream).
 func (f *Fleet) Handler(src ChunkSource) http.Handler {
 	return &handler{src: src, handlerConfig: handlerConfig{
-		sign:      f.sign,
-		maxChunk:  f.cfg.MaxChunkSize,
-		writeIdle: 30 * time.Second,
-		log:       f.log,
-		sent:      f.sentTo,
-		now:       time.Now,
+		sign:        f.sign,
+		maxChunk:    f.cfg.MaxChunkSize,
+		maxManifest: f.cfg.MaxManifestSize,
+		writeIdle:   30 * time.Second,
+		log:         f.log,
+		sent:        f.sentTo,
+		now:         time.Now,
 	}}
 }
 
@@ -457,8 +466,8 @@ func (f *Fleet) sentTo(name string) func(int64) {
 	}
 }
 
-// Serve runs the peer API for src on ln (with TLS when configured) until Close, which
-// lets the chunks in flight finish. It returns http.ErrServerClosed after Close.
+// Serve runs the peer API for src (and its manifests, if it is a ManifestSource) on ln
+// (with TLS when configured) until Close, which lets the chunks in flight finish. It returns http.ErrServerClosed after Close.
 func (f *Fleet) Serve(ln net.Listener, src ChunkSource) error {
 	srv := &http.Server{
 		Handler:           f.Handler(src),

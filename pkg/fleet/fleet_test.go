@@ -400,3 +400,64 @@ func TestCloseDrainsChunksInFlight(t *testing.T) {
 	}
 	waitFor(t, "node-b sees node-a left", convergeDeadline, func() bool { return stateOf(b.Fleet, "node-a") == StateLeft })
 }
+
+func TestManifestExchange(t *testing.T) {
+	body := testManifestBody(20_000)
+	big := testManifestBody(DefaultMaxManifestSize + 1)
+	srcA := newBlobSource()
+	d := srcA.addManifest(body, ociManifest)
+	dBig := srcA.addManifest(big, ociManifest)
+	a := startNode(t, "node-a", srcA)
+	b := startNode(t, "node-b", nil, withJoin(a.GossipAddr()))
+	for _, n := range []*testNode{a, b} {
+		waitFor(t, n.Name()+" sees both", convergeDeadline, func() bool { return len(liveNames(n.Fleet)) == 2 })
+	}
+	ma := Member{Name: "node-a", PeerAddr: a.cfg.PeerAdvertise}
+
+	req := ManifestRequest{Registry: "registry.example:5000", Repo: "team/app", Digest: d, Hop: 1}
+	got, mt, err := b.FetchManifest(context.Background(), ma, req)
+	if err != nil || string(got) != string(body) || mt != ociManifest {
+		t.Fatalf("FetchManifest: %d bytes, %q, %v", len(got), mt, err)
+	}
+	srcA.mu.Lock()
+	calls := slices.Clone(srcA.mcalls)
+	srcA.mu.Unlock()
+	if len(calls) != 1 || calls[0] != req {
+		t.Fatalf("source asked %+v, want %+v", calls, req)
+	}
+	if s := statsOf(t, b.Fleet, "node-a"); s.BytesIn != int64(len(body)) {
+		t.Fatalf("node-b's stats for node-a: %+v, want %d bytes in", s, len(body))
+	}
+	waitFor(t, "node-a counts bytes out", convergeDeadline, func() bool {
+		return statsOf(t, a.Fleet, "node-b").BytesOut == int64(len(body))
+	})
+	if got := metricValue(t, b.reg, "node_mirror_peer_bytes_total", "direction", "in"); got != float64(len(body)) {
+		t.Fatalf("node-b's bytes in = %v", got)
+	}
+	if got := metricValue(t, a.reg, "node_mirror_peer_bytes_total", "direction", "out"); got != float64(len(body)) {
+		t.Fatalf("node-a's bytes out = %v", got)
+	}
+
+	// Answers that are not the peer's failure: unknown, and over the bound (the default,
+	// 4 MiB), which the owner refuses to send rather than let the receiver refuse it.
+	for _, tt := range []struct {
+		dgst     digest.Digest
+		sentinel error
+		status   int
+	}{
+		{digest.FromString("unknown"), ErrNotFound, 404},
+		{dBig, ErrUnavailable, 503},
+	} {
+		_, _, err := b.FetchManifest(context.Background(), ma, manifestReq(tt.dgst))
+		fe, ok := errors.AsType[*FetchError](err)
+		if !ok || !errors.Is(err, tt.sentinel) || fe.Status != tt.status {
+			t.Fatalf("FetchManifest(%s): %v; want status %d", tt.dgst, err, tt.status)
+		}
+	}
+	if !slices.Contains(names(b.Owners(d, 0)), "node-a") {
+		t.Fatal("an answer put node-a in backoff")
+	}
+	if s := statsOf(t, b.Fleet, "node-a"); s.BytesIn != int64(len(body)) {
+		t.Fatalf("refusals counted bytes in: %+v", s)
+	}
+}

@@ -3,6 +3,7 @@ package fleet
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
@@ -22,10 +23,21 @@ type ChunkSource interface {
 	OpenChunk(ctx context.Context, req ChunkRequest) (io.ReadCloser, error)
 }
 
+// ManifestSource serves manifests by digest to peers. A ChunkSource passed to Handler or
+// Serve may implement it too (the mirror does); if it does not, manifests are not found.
+type ManifestSource interface {
+	// OpenManifest returns the manifest's body, verified against req.Digest, and its media
+	// type, from the store or from upstream. Errors as for OpenChunk (ErrNotFound,
+	// ErrUnavailable, ErrTooManyRequests). A body over the manifest bound, or a media type
+	// that is not one, is answered 503: the receiver would refuse it.
+	OpenManifest(ctx context.Context, req ManifestRequest) (body []byte, mediaType string, err error)
+}
+
 // handlerConfig is what the peer API server needs besides the source.
 type handlerConfig struct {
-	sign     signer
-	maxChunk int64
+	sign        signer
+	maxChunk    int64
+	maxManifest int64
 	// writeIdle bounds each write to a receiver: one that stops reading is cut off
 	// instead of pinning the chunk's source forever.
 	writeIdle time.Duration
@@ -52,8 +64,22 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	// Valid requests never need escaping; an escaped byte is a confused or hostile peer.
+	if r.URL.RawPath != "" || strings.Contains(r.URL.EscapedPath(), "%") {
+		writeError(w, r, errNotFound, "")
+		return
+	}
+	var serve func(w http.ResponseWriter, r *http.Request, peer, dgst string)
 	dgst, ok := strings.CutPrefix(r.URL.Path, blobsPath)
-	if !ok || r.URL.RawPath != "" || strings.Contains(r.URL.EscapedPath(), "%") || strings.Contains(dgst, "/") {
+	if ok {
+		serve = h.serveChunk
+	} else if dgst, ok = strings.CutPrefix(r.URL.Path, manifestsPath); ok {
+		if ms, is := h.src.(ManifestSource); is {
+			serve = func(w http.ResponseWriter, r *http.Request, peer, dgst string) {
+				h.serveManifest(w, r, ms, peer, dgst)
+			}
+		}
+	}
+	if serve == nil || strings.Contains(dgst, "/") {
 		writeError(w, r, errNotFound, "")
 		return
 	}
@@ -61,6 +87,10 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		writeError(w, r, errMethod, "")
 		return
 	}
+	serve(w, r, peer, dgst)
+}
+
+func (h *handler) serveChunk(w http.ResponseWriter, r *http.Request, peer, dgst string) {
 	req, err := parseChunkRequest(dgst, r.URL.RawQuery, h.maxChunk)
 	if err != nil {
 		writeError(w, r, errBadRequest, err.Error())
@@ -72,7 +102,7 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			return // the peer left; nobody to answer
 		}
 		h.log.Debug("peer chunk refused", "peer", peer, "digest", req.Digest, "offset", req.Offset, "err", err)
-		writeError(w, r, toWire(err), "")
+		writeError(w, r, toWire(err, errBlobUnknown), "")
 		return
 	}
 	defer rc.Close()
@@ -102,6 +132,52 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		// A clean end would hand the receiver a short chunk with a 200; cut the
 		// connection so it sees an error instead.
 		panic(http.ErrAbortHandler)
+	}
+}
+
+func (h *handler) serveManifest(w http.ResponseWriter, r *http.Request, src ManifestSource, peer, dgst string) {
+	req, err := parseManifestRequest(dgst, r.URL.RawQuery)
+	if err != nil {
+		writeError(w, r, errBadRequest, err.Error())
+		return
+	}
+	body, mediaType, err := src.OpenManifest(r.Context(), req)
+	if err != nil {
+		if r.Context().Err() != nil {
+			return
+		}
+		h.log.Debug("peer manifest refused", "peer", peer, "digest", req.Digest, "err", err)
+		writeError(w, r, toWire(err, errManifestUnknown), "")
+		return
+	}
+	// The source is our own mirror, but what it hands over is checked against the same
+	// rules the receiver applies: better a 503 here than bytes the receiver must refuse.
+	mt, err := parseMediaType(mediaType)
+	if err == nil && int64(len(body)) > h.maxManifest {
+		err = fmt.Errorf("%d bytes, over the %d-byte limit", len(body), h.maxManifest)
+	}
+	if err != nil {
+		h.log.Warn("peer manifest not served", "peer", peer, "digest", req.Digest, "err", err)
+		writeError(w, r, errUnavailable, "")
+		return
+	}
+	hd := w.Header()
+	hd.Set("Content-Type", mt)
+	hd.Set("Content-Length", strconv.Itoa(len(body)))
+	w.WriteHeader(http.StatusOK)
+	if r.Method == http.MethodHead {
+		return
+	}
+	if h.writeIdle > 0 {
+		_ = http.NewResponseController(w).SetWriteDeadline(time.Now().Add(h.writeIdle))
+	}
+	n, err := w.Write(body)
+	if h.sent != nil && n > 0 {
+		h.sent(peer)(int64(n))
+	}
+	if err != nil && r.Context().Err() == nil {
+		// Content-Length was declared: the server cannot end this response clean.
+		h.log.Warn("peer manifest cut short", "peer", peer, "digest", req.Digest, "sent", n, "err", err)
 	}
 }
 

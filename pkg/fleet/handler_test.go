@@ -2,6 +2,7 @@ package fleet
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -24,13 +25,16 @@ var (
 	otherKey = bytes.Repeat([]byte{0x24}, KeySize)
 )
 
-// blobSource serves chunks of blobs held in memory and records what it was asked.
+// blobSource serves chunks of blobs and manifests held in memory and records what it was
+// asked.
 type blobSource struct {
-	mu    sync.Mutex
-	blobs map[digest.Digest][]byte
-	calls []ChunkRequest
-	// err, when set, is returned by OpenChunk; failAfter >= 0 makes the reader fail after
-	// that many bytes; extra appends bytes beyond the requested range.
+	mu        sync.Mutex
+	blobs     map[digest.Digest][]byte
+	manifests map[digest.Digest]testManifest
+	calls     []ChunkRequest
+	mcalls    []ManifestRequest
+	// err, when set, is returned by OpenChunk and OpenManifest; failAfter >= 0 makes the
+	// reader fail after that many bytes; extra appends bytes beyond the requested range.
 	err       error
 	failAfter int
 	extra     bool
@@ -38,7 +42,7 @@ type blobSource struct {
 }
 
 func newBlobSource(blobs ...[]byte) *blobSource {
-	s := &blobSource{blobs: map[digest.Digest][]byte{}, failAfter: -1}
+	s := &blobSource{blobs: map[digest.Digest][]byte{}, manifests: map[digest.Digest]testManifest{}, failAfter: -1}
 	for _, b := range blobs {
 		s.blobs[digest.FromBytes(b)] = b
 	}
@@ -70,11 +74,43 @@ func (s *blobSource) OpenChunk(ctx context.Context, req ChunkRequest) (io.ReadCl
 	return io.NopCloser(r), nil
 }
 
+type testManifest struct {
+	body      []byte
+	mediaType string
+}
+
+// addManifest stores a manifest under the digest of body (whatever mediaType says).
+func (s *blobSource) addManifest(body []byte, mediaType string) digest.Digest {
+	d := digest.FromBytes(body)
+	s.mu.Lock()
+	s.manifests[d] = testManifest{body, mediaType}
+	s.mu.Unlock()
+	return d
+}
+
+func (s *blobSource) OpenManifest(ctx context.Context, req ManifestRequest) ([]byte, string, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.mcalls = append(s.mcalls, req)
+	if s.err != nil {
+		return nil, "", s.err
+	}
+	m, ok := s.manifests[req.Digest]
+	if !ok {
+		return nil, "", fmt.Errorf("manifest %s: %w", req.Digest, ErrNotFound)
+	}
+	return m.body, m.mediaType, nil
+}
+
+// callCount counts the calls of both kinds.
 func (s *blobSource) callCount() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return len(s.calls)
+	return len(s.calls) + len(s.mcalls)
 }
+
+// chunkOnly hides the source's OpenManifest: a ChunkSource that is no ManifestSource.
+type chunkOnly struct{ ChunkSource }
 
 type gatedReader struct {
 	gate <-chan struct{}
@@ -123,10 +159,11 @@ func peerServer(t *testing.T, src ChunkSource) (string, *sync.Map) {
 	t.Helper()
 	var sent sync.Map
 	h := &handler{src: src, handlerConfig: handlerConfig{
-		sign:      signer{key: deriveKey(testKey, labelSign)},
-		maxChunk:  1 << 20,
-		writeIdle: 30 * time.Second,
-		log:       testLogger(t),
+		sign:        signer{key: deriveKey(testKey, labelSign)},
+		maxChunk:    1 << 20,
+		maxManifest: testMaxManifest,
+		writeIdle:   30 * time.Second,
+		log:         testLogger(t),
 		sent: func(peer string) func(int64) {
 			v, _ := sent.LoadOrStore(peer, new(atomic.Int64))
 			return func(n int64) { v.(*atomic.Int64).Add(n) }
@@ -136,6 +173,22 @@ func peerServer(t *testing.T, src ChunkSource) (string, *sync.Map) {
 	srv := httptest.NewServer(h)
 	t.Cleanup(srv.Close)
 	return srv.URL, &sent
+}
+
+// testMaxManifest is the manifest bound of the peerServer.
+const testMaxManifest = 64 << 10
+
+const ociManifest = "application/vnd.oci.image.manifest.v1+json"
+
+// testManifestBody is a manifest-like JSON document of exactly n bytes (n >= 64).
+func testManifestBody(n int) []byte {
+	head := `{"schemaVersion":2,"mediaType":"` + ociManifest + `","x":"`
+	pad := n - len(head) - len(`"}`)
+	return []byte(head + strings.Repeat("m", pad) + `"}`)
+}
+
+func manifestReq(d digest.Digest) ManifestRequest {
+	return ManifestRequest{Registry: "docker.io", Repo: "library/nginx", Digest: d}
 }
 
 func testBlob(n int) []byte {
@@ -505,5 +558,264 @@ func TestPeerAPIHeadSendsNoBody(t *testing.T) {
 	}
 	if _, ok := sent.Load("node-a"); ok {
 		t.Fatal("HEAD counted bytes out")
+	}
+}
+
+func TestPeerAPIManifestAuthentication(t *testing.T) {
+	src := newBlobSource()
+	d := src.addManifest(testManifestBody(1000), ociManifest)
+	base, _ := peerServer(t, src)
+	target := manifestReq(d).target()
+	now := time.Now()
+	tamper := func(f func(r *http.Request)) func() *http.Request {
+		return func() *http.Request {
+			r := signed(t, base, "GET", target, testKey, "node-a", now)
+			f(r)
+			return r
+		}
+	}
+	tests := []struct {
+		name  string
+		build func() *http.Request
+		ok    bool
+	}{
+		{"valid", tamper(func(*http.Request) {}), true},
+		{"valid head", func() *http.Request { return signed(t, base, "HEAD", target, testKey, "node-a", now) }, true},
+		{"no headers", func() *http.Request {
+			r, _ := http.NewRequest("GET", base+target, nil)
+			return r
+		}, false},
+		{"wrong key", func() *http.Request { return signed(t, base, "GET", target, otherKey, "node-a", now) }, false},
+		{"tampered digest", tamper(func(r *http.Request) {
+			r.URL.Path = manifestsPath + digest.FromString("other").String()
+		}), false},
+		{"moved to the blobs path", tamper(func(r *http.Request) {
+			r.URL.Path = blobsPath + d.String()
+		}), false},
+		{"tampered registry", tamper(func(r *http.Request) {
+			r.URL.RawQuery = strings.Replace(r.URL.RawQuery, "registry=docker.io", "registry=ghcr.io", 1)
+		}), false},
+		{"tampered repo", tamper(func(r *http.Request) {
+			r.URL.RawQuery = strings.Replace(r.URL.RawQuery, "repo=library%2Fnginx", "repo=library%2Fredis", 1)
+		}), false},
+		{"tampered hop", tamper(func(r *http.Request) {
+			r.URL.RawQuery = strings.Replace(r.URL.RawQuery, "hop=0", "hop=1", 1)
+		}), false},
+		{"query parameter appended", tamper(func(r *http.Request) { r.URL.RawQuery += "&x=1" }), false},
+		{"query reordered", tamper(func(r *http.Request) {
+			q := strings.Split(r.URL.RawQuery, "&")
+			q[0], q[2] = q[2], q[0]
+			r.URL.RawQuery = strings.Join(q, "&")
+		}), false},
+		{"tampered method", tamper(func(r *http.Request) { r.Method = "HEAD" }), false},
+		{"tampered peer name", tamper(func(r *http.Request) { r.Header.Set(HeaderPeer, "node-b") }), false},
+		{"expired", func() *http.Request {
+			return signed(t, base, "GET", target, testKey, "node-a", now.Add(-31*time.Second))
+		}, false},
+		{"a chunk request's signature", func() *http.Request {
+			blob := testBlob(100)
+			r := signed(t, base, "GET", target, testKey, "node-a", now)
+			r.Header = signed(t, base, "GET", chunkReq(blob, 0, 100).target(), testKey, "node-a", now).Header
+			return r
+		}, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			before := src.callCount()
+			r := tt.build()
+			resp, body, err := do(t, r)
+			if tt.ok {
+				if resp.StatusCode != http.StatusOK || err != nil {
+					t.Fatalf("status %d, err %v, body %q; want 200", resp.StatusCode, err, body)
+				}
+				if r.Method == "GET" && !bytes.Equal(body, src.manifests[d].body) {
+					t.Fatalf("got %d bytes, not the manifest", len(body))
+				}
+				return
+			}
+			if resp.StatusCode != http.StatusUnauthorized {
+				t.Fatalf("status %d, body %q; want 401", resp.StatusCode, body)
+			}
+			if r.Method != "HEAD" {
+				if code := errorCode(t, body); code != "UNAUTHORIZED" {
+					t.Fatalf("code %s, want UNAUTHORIZED", code)
+				}
+			}
+			if n := src.callCount(); n != before {
+				t.Fatalf("the source was called for an unauthenticated request")
+			}
+		})
+	}
+}
+
+func TestPeerAPIManifestValidation(t *testing.T) {
+	src := newBlobSource()
+	d := src.addManifest(testManifestBody(500), ociManifest).String()
+	base, _ := peerServer(t, src)
+	q := func(kv ...string) string {
+		m := map[string]string{"registry": "docker.io", "repo": "library/nginx", "hop": "0"}
+		for i := 0; i < len(kv); i += 2 {
+			m[kv[i]] = kv[i+1]
+		}
+		var parts []string
+		for _, k := range []string{"registry", "repo", "hop"} {
+			if v, ok := m[k]; ok && v != "" {
+				parts = append(parts, k+"="+v)
+			}
+		}
+		return strings.Join(parts, "&")
+	}
+	tests := []struct {
+		name, method, target string
+		status               int
+		code                 string
+	}{
+		{"ok", "GET", manifestsPath + d + "?" + q(), 200, ""},
+		{"ok head", "HEAD", manifestsPath + d + "?" + q(), 200, ""},
+		{"ok hop 1", "GET", manifestsPath + d + "?" + q("hop", "1"), 200, ""},
+		{"ok registry with port", "GET", manifestsPath + d + "?" + q("registry", "localhost:5000"), 200, ""},
+		{"ok registry ipv6", "GET", manifestsPath + d + "?" + q("registry", "%5B::1%5D:5000"), 200, ""},
+		{"unknown manifest", "GET", manifestsPath + digest.FromString("x").String() + "?" + q(), 404, "MANIFEST_UNKNOWN"},
+		{"sha512 unknown manifest", "GET", manifestsPath + digest.SHA512.FromString("x").String() + "?" + q(), 404, "MANIFEST_UNKNOWN"},
+		{"manifests prefix only", "GET", manifestsPath + "?" + q(), 400, "BAD_REQUEST"},
+		{"no trailing slash", "GET", "/peer/v1/manifests?" + q(), 404, "NOT_FOUND"},
+		{"extra path element", "GET", manifestsPath + d + "/x?" + q(), 404, "NOT_FOUND"},
+		{"encoded slash", "GET", manifestsPath + "sha256%2F..%2Fx?" + q(), 404, "NOT_FOUND"},
+		{"dot dot", "GET", "/peer/v1/manifests/../manifests/" + d + "?" + q(), 404, "NOT_FOUND"},
+		{"tag, not digest", "GET", manifestsPath + "latest?" + q(), 400, "BAD_REQUEST"},
+		{"POST", "POST", manifestsPath + d + "?" + q(), 405, "UNSUPPORTED"},
+		{"PUT", "PUT", manifestsPath + d + "?" + q(), 405, "UNSUPPORTED"},
+		{"md5 digest", "GET", manifestsPath + "md5:d41d8cd98f00b204e9800998ecf8427e?" + q(), 400, "BAD_REQUEST"},
+		{"short hex", "GET", manifestsPath + d[:len(d)-1] + "?" + q(), 400, "BAD_REQUEST"},
+		{"upper-case hex", "GET", manifestsPath + strings.ToUpper(d) + "?" + q(), 400, "BAD_REQUEST"},
+		{"missing registry", "GET", manifestsPath + d + "?" + q("registry", ""), 400, "BAD_REQUEST"},
+		{"missing repo", "GET", manifestsPath + d + "?" + q("repo", ""), 400, "BAD_REQUEST"},
+		{"missing hop", "GET", manifestsPath + d + "?" + q("hop", ""), 400, "BAD_REQUEST"},
+		{"duplicate hop", "GET", manifestsPath + d + "?" + q() + "&hop=0", 400, "BAD_REQUEST"},
+		{"chunk parameters", "GET", manifestsPath + d + "?" + q() + "&size=500&offset=0&length=500", 400, "BAD_REQUEST"},
+		{"unknown parameter", "GET", manifestsPath + d + "?" + q() + "&ns=ghcr.io", 400, "BAD_REQUEST"},
+		{"bad query escape", "GET", manifestsPath + d + "?" + q() + "&%zz=1", 400, "BAD_REQUEST"},
+		{"hop 2", "GET", manifestsPath + d + "?" + q("hop", "2"), 400, "BAD_REQUEST"},
+		{"hop 01", "GET", manifestsPath + d + "?" + q("hop", "01"), 400, "BAD_REQUEST"},
+		{"registry with path", "GET", manifestsPath + d + "?" + q("registry", "docker.io%2Fx"), 400, "BAD_REQUEST"},
+		{"registry with userinfo", "GET", manifestsPath + d + "?" + q("registry", "u%40docker.io"), 400, "BAD_REQUEST"},
+		{"registry scheme", "GET", manifestsPath + d + "?" + q("registry", "http:%2F%2Fx"), 400, "BAD_REQUEST"},
+		{"repo upper case", "GET", manifestsPath + d + "?" + q("repo", "Library/nginx"), 400, "BAD_REQUEST"},
+		{"repo dot dot", "GET", manifestsPath + d + "?" + q("repo", "library/..%2Fx"), 400, "BAD_REQUEST"},
+		{"repo with a tag", "GET", manifestsPath + d + "?" + q("repo", "library/nginx:latest"), 400, "BAD_REQUEST"},
+		{"repo too long", "GET", manifestsPath + d + "?" + q("repo", strings.Repeat("a", 256)), 400, "BAD_REQUEST"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			before := src.callCount()
+			resp, body, _ := do(t, signed(t, base, tt.method, tt.target, testKey, "node-a", time.Now()))
+			if resp.StatusCode != tt.status {
+				t.Fatalf("status %d, body %q; want %d", resp.StatusCode, body, tt.status)
+			}
+			if tt.code != "" && tt.method != "HEAD" {
+				if code := errorCode(t, body); code != tt.code {
+					t.Fatalf("code %s, want %s", code, tt.code)
+				}
+			}
+			called := src.callCount() != before
+			if tt.status == 400 || tt.status == 405 || tt.code == "NOT_FOUND" {
+				if called {
+					t.Fatal("the source was called for an invalid request")
+				}
+			} else if !called {
+				t.Fatal("the source was not called for a valid request")
+			}
+		})
+	}
+}
+
+func TestPeerAPIServesManifests(t *testing.T) {
+	body := testManifestBody(3000)
+	d := digest.FromBytes(body)
+	tests := []struct {
+		name      string
+		body      []byte
+		mediaType string
+		srcErr    error
+		chunkOnly bool // the source is no ManifestSource
+		method    string
+		status    int
+		code      string
+		wantType  string // the Content-Type of a 200
+	}{
+		{name: "ok", body: body, mediaType: ociManifest, status: 200, wantType: ociManifest},
+		{name: "head", method: "HEAD", body: body, mediaType: ociManifest, status: 200, wantType: ociManifest},
+		{name: "docker media type", body: body, mediaType: "application/vnd.docker.distribution.manifest.v2+json",
+			status: 200, wantType: "application/vnd.docker.distribution.manifest.v2+json"},
+		{name: "media type sent bare", body: body, mediaType: "Application/VND.OCI.image.index.v1+json; charset=utf-8",
+			status: 200, wantType: "application/vnd.oci.image.index.v1+json"},
+		{name: "exactly the bound", body: testManifestBody(testMaxManifest), mediaType: ociManifest, status: 200, wantType: ociManifest},
+		{name: "one byte over the bound", body: testManifestBody(testMaxManifest + 1), mediaType: ociManifest, status: 503, code: "UNAVAILABLE"},
+		{name: "no media type", body: body, mediaType: "", status: 503, code: "UNAVAILABLE"},
+		{name: "media type without subtype", body: body, mediaType: "manifest", status: 503, code: "UNAVAILABLE"},
+		{name: "media type with a newline", body: body, mediaType: "text/plain\r\nX-Evil: 1", status: 503, code: "UNAVAILABLE"},
+		{name: "media type too long", body: body, mediaType: "application/" + strings.Repeat("x", 250), status: 503, code: "UNAVAILABLE"},
+		{name: "not found", srcErr: fmt.Errorf("x: %w", ErrNotFound), status: 404, code: "MANIFEST_UNKNOWN"},
+		{name: "rate-limited", srcErr: fmt.Errorf("x: %w", ErrTooManyRequests), status: 429, code: "TOOMANYREQUESTS"},
+		{name: "unavailable", srcErr: fmt.Errorf("x: %w", ErrUnavailable), status: 503, code: "UNAVAILABLE"},
+		{name: "other error", srcErr: errors.New("disk on fire"), status: 503, code: "UNAVAILABLE"},
+		{name: "source without manifests", chunkOnly: true, body: body, mediaType: ociManifest, status: 404, code: "NOT_FOUND"},
+		{name: "source without manifests, POST", chunkOnly: true, method: "POST", body: body, mediaType: ociManifest, status: 404, code: "NOT_FOUND"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			src := newBlobSource()
+			src.err = tt.srcErr
+			if tt.body != nil {
+				// Stored under d whatever the body: the source, not the handler, verifies.
+				src.manifests[d] = testManifest{tt.body, tt.mediaType}
+			}
+			var cs ChunkSource = src
+			if tt.chunkOnly {
+				cs = chunkOnly{src}
+			}
+			base, sent := peerServer(t, cs)
+			method := cmp.Or(tt.method, "GET")
+			resp, got, err := do(t, signed(t, base, method, manifestReq(d).target(), testKey, "node-a", time.Now()))
+			if resp.StatusCode != tt.status {
+				t.Fatalf("status %d, body %q; want %d", resp.StatusCode, got, tt.status)
+			}
+			if n := len(src.mcalls); n != 0 && tt.chunkOnly {
+				t.Fatal("OpenManifest called through a source that is no ManifestSource")
+			}
+			if tt.status != 200 {
+				if method == "GET" {
+					if code := errorCode(t, got); code != tt.code {
+						t.Fatalf("code %s, want %s", code, tt.code)
+					}
+				}
+				if _, ok := sent.Load("node-a"); ok {
+					t.Fatal("bytes counted out for a refusal")
+				}
+				return
+			}
+			if ct := resp.Header.Values("Content-Type"); len(ct) != 1 || ct[0] != tt.wantType {
+				t.Fatalf("Content-Type %q, want %q", ct, tt.wantType)
+			}
+			if resp.ContentLength != int64(len(tt.body)) {
+				t.Fatalf("Content-Length %d, want %d", resp.ContentLength, len(tt.body))
+			}
+			v, _ := sent.Load("node-a")
+			if method == "HEAD" {
+				if len(got) != 0 || v != nil {
+					t.Fatalf("HEAD: %d body bytes, counted %v", len(got), v)
+				}
+				return
+			}
+			if err != nil || !bytes.Equal(got, tt.body) {
+				t.Fatalf("read %d bytes (err %v), want the %d of the manifest", len(got), err, len(tt.body))
+			}
+			if v == nil || v.(*atomic.Int64).Load() != int64(len(tt.body)) {
+				t.Fatalf("bytes counted out to node-a: %v, want %d", v, len(tt.body))
+			}
+			if c := src.mcalls; len(c) != 1 || c[0] != manifestReq(d) {
+				t.Fatalf("source asked %+v", c)
+			}
+		})
 	}
 }

@@ -18,11 +18,11 @@ type fleetMetrics struct {
 func newMetrics(reg prometheus.Registerer, live func() float64) (*fleetMetrics, []prometheus.Collector, error) {
 	bytes := prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "node_mirror_peer_bytes_total",
-		Help: "Chunk bytes exchanged with fleet members, by direction (in: fetched from peers, out: served to peers).",
+		Help: "Chunk and manifest bytes exchanged with fleet members, by direction (in: fetched from peers, out: served to peers).",
 	}, []string{"direction"})
 	fallbacks := prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "node_mirror_peer_fallbacks_total",
-		Help: "Chunks fetched from upstream because their owner could not serve them, by reason (down, timeout, refused, fault, error).",
+		Help: "Chunks and manifests fetched from upstream because their owner could not serve them, by reason (down, timeout, refused, fault, error).",
 	}, []string{"reason"})
 	m := &fleetMetrics{
 		bytesIn:   bytes.WithLabelValues("in"),

@@ -3,6 +3,7 @@ package fleet
 import (
 	_ "crypto/sha512" // digest.Parse accepts only algorithms linked in (sha256 is, through auth.go)
 	"fmt"
+	"mime"
 	"net"
 	"net/url"
 	"regexp"
@@ -41,6 +42,64 @@ func (r ChunkRequest) target() string {
 	q.Set("length", strconv.FormatInt(r.Length, 10))
 	q.Set("hop", strconv.Itoa(r.Hop))
 	return blobsPath + string(r.Digest) + "?" + q.Encode()
+}
+
+// ManifestRequest names a manifest by digest and where it comes from. Tags are not asked
+// of peers: each node resolves them against upstream itself.
+type ManifestRequest struct {
+	Registry, Repo string // as in ChunkRequest
+	Digest         digest.Digest
+	Hop            int // as in ChunkRequest
+}
+
+// DefaultMaxManifestSize bounds a manifest served or fetched: the mirror's own limit.
+const DefaultMaxManifestSize = 4 << 20
+
+const manifestsPath = "/peer/v1/manifests/"
+
+func (r ManifestRequest) target() string {
+	q := url.Values{}
+	q.Set("registry", r.Registry)
+	q.Set("repo", r.Repo)
+	q.Set("hop", strconv.Itoa(r.Hop))
+	return manifestsPath + string(r.Digest) + "?" + q.Encode()
+}
+
+func (r ManifestRequest) validate() error {
+	if err := validDigest(r.Digest); err != nil {
+		return err
+	}
+	if err := validRegistry(r.Registry); err != nil {
+		return err
+	}
+	if err := validRepo(r.Repo); err != nil {
+		return err
+	}
+	if r.Hop != 0 && r.Hop != 1 {
+		return fmt.Errorf("hop %d: want 0 or 1", r.Hop)
+	}
+	return nil
+}
+
+// maxMediaTypeLen: RFC 6838 allows 127 characters each for type and subtype.
+const maxMediaTypeLen = 255
+
+// parseMediaType accepts a media type as a Content-Type may carry it ("type/subtype",
+// parameters allowed) and returns the bare type, lower-cased. It is the one rule for what
+// the peer API sends and what Fetch accepts: the header is a peer's word, and what it
+// says ends up in the index and in the Content-Type the mirror serves.
+func parseMediaType(s string) (string, error) {
+	if s == "" || len(s) > maxMediaTypeLen {
+		return "", fmt.Errorf("media type length %d out of range [1, %d]", len(s), maxMediaTypeLen)
+	}
+	mt, _, err := mime.ParseMediaType(s)
+	if err != nil {
+		return "", fmt.Errorf("media type: %w", err)
+	}
+	if typ, sub, ok := strings.Cut(mt, "/"); !ok || typ == "" || sub == "" {
+		return "", fmt.Errorf("media type %q: want type/subtype", mt)
+	}
+	return mt, nil
 }
 
 // Repository path components per the distribution spec's name grammar.
@@ -149,53 +208,67 @@ func validHostname(h string) bool {
 // parseChunkRequest reads a request from the path (after blobsPath) and the raw query.
 // Every parameter is required exactly once and nothing else is accepted.
 func parseChunkRequest(dgst, rawQuery string, maxChunk int64) (ChunkRequest, error) {
-	q, err := url.ParseQuery(rawQuery)
+	q, err := parseQuery(rawQuery, "registry", "repo", "size", "offset", "length", "hop")
 	if err != nil {
-		return ChunkRequest{}, fmt.Errorf("query: %w", err)
+		return ChunkRequest{}, err
 	}
-	want := []string{"registry", "repo", "size", "offset", "length", "hop"}
-	if len(q) != len(want) {
-		return ChunkRequest{}, fmt.Errorf("want exactly the parameters %s", strings.Join(want, ", "))
-	}
-	get := func(k string) (string, error) {
-		v := q[k]
-		if len(v) != 1 {
-			return "", fmt.Errorf("parameter %s: want exactly one", k)
-		}
-		return v[0], nil
-	}
-	var r ChunkRequest
-	r.Digest = digest.Digest(dgst)
-	if r.Registry, err = get("registry"); err != nil {
-		return r, err
-	}
-	if r.Repo, err = get("repo"); err != nil {
-		return r, err
-	}
+	r := ChunkRequest{Registry: q["registry"], Repo: q["repo"], Digest: digest.Digest(dgst)}
 	for _, p := range []struct {
 		name string
 		dst  *int64
 	}{{"size", &r.Size}, {"offset", &r.Offset}, {"length", &r.Length}} {
-		s, err := get(p.name)
-		if err != nil {
-			return r, err
-		}
-		if *p.dst, err = parseCount(s); err != nil {
+		if *p.dst, err = parseCount(q[p.name]); err != nil {
 			return r, fmt.Errorf("parameter %s: %w", p.name, err)
 		}
 	}
-	hop, err := get("hop")
-	if err != nil {
+	if r.Hop, err = parseHop(q["hop"]); err != nil {
 		return r, err
 	}
-	switch hop {
-	case "0":
-	case "1":
-		r.Hop = 1
-	default:
-		return r, fmt.Errorf("parameter hop: want 0 or 1")
-	}
 	return r, r.validate(maxChunk)
+}
+
+// parseManifestRequest reads a request from the path (after manifestsPath) and the raw
+// query, as strictly as parseChunkRequest.
+func parseManifestRequest(dgst, rawQuery string) (ManifestRequest, error) {
+	q, err := parseQuery(rawQuery, "registry", "repo", "hop")
+	if err != nil {
+		return ManifestRequest{}, err
+	}
+	r := ManifestRequest{Registry: q["registry"], Repo: q["repo"], Digest: digest.Digest(dgst)}
+	if r.Hop, err = parseHop(q["hop"]); err != nil {
+		return r, err
+	}
+	return r, r.validate()
+}
+
+// parseQuery requires each of the names exactly once and nothing else.
+func parseQuery(rawQuery string, names ...string) (map[string]string, error) {
+	q, err := url.ParseQuery(rawQuery)
+	if err != nil {
+		return nil, fmt.Errorf("query: %w", err)
+	}
+	if len(q) != len(names) {
+		return nil, fmt.Errorf("want exactly the parameters %s", strings.Join(names, ", "))
+	}
+	out := make(map[string]string, len(names))
+	for _, k := range names {
+		v := q[k]
+		if len(v) != 1 {
+			return nil, fmt.Errorf("parameter %s: want exactly one", k)
+		}
+		out[k] = v[0]
+	}
+	return out, nil
+}
+
+func parseHop(s string) (int, error) {
+	switch s {
+	case "0":
+		return 0, nil
+	case "1":
+		return 1, nil
+	}
+	return 0, fmt.Errorf("parameter hop: want 0 or 1")
 }
 
 // parseCount accepts only plain decimal digits: no sign, no spaces, no leading zeros

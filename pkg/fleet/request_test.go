@@ -3,6 +3,8 @@ package fleet
 import (
 	"strings"
 	"testing"
+
+	"github.com/opencontainers/go-digest"
 )
 
 // FuzzParseChunkRequest: whatever a peer sends, a request that parses is one a member
@@ -32,6 +34,51 @@ func FuzzParseChunkRequest(f *testing.F) {
 		r2, err := parseChunkRequest(d2, q2, maxChunk)
 		if err != nil || r2 != r {
 			t.Fatalf("round trip of %+v: %+v, %v", r, r2, err)
+		}
+	})
+}
+
+// FuzzParseManifestRequest: the same promise for manifest requests.
+func FuzzParseManifestRequest(f *testing.F) {
+	for _, r := range []ManifestRequest{manifestReq(digest.FromString("m")), {Registry: "[::1]:5000", Repo: "a/b", Digest: digest.SHA512.FromString("m"), Hop: 1}} {
+		dgst, q, _ := strings.Cut(strings.TrimPrefix(r.target(), manifestsPath), "?")
+		f.Add(dgst, q)
+	}
+	f.Add("sha256:"+strings.Repeat("a", 64), "registry=x&repo=a__b&hop=0&hop=0")
+	f.Add("sha256:"+strings.Repeat("a", 64), "registry=x&repo=a&hop=1&size=1")
+	f.Add("latest", "registry=x&repo=a&hop=0")
+	f.Fuzz(func(t *testing.T, dgst, rawQuery string) {
+		r, err := parseManifestRequest(dgst, rawQuery)
+		if err != nil {
+			return
+		}
+		if err := r.validate(); err != nil {
+			t.Fatalf("parsed %+v fails validation: %v", r, err)
+		}
+		d2, q2, _ := strings.Cut(strings.TrimPrefix(r.target(), manifestsPath), "?")
+		r2, err := parseManifestRequest(d2, q2)
+		if err != nil || r2 != r {
+			t.Fatalf("round trip of %+v: %+v, %v", r, r2, err)
+		}
+	})
+}
+
+// FuzzParseMediaType: whatever a peer puts in Content-Type, an accepted media type is a
+// bare, bounded type/subtype that is safe in a header and survives a second parse.
+func FuzzParseMediaType(f *testing.F) {
+	for _, s := range []string{ociManifest, "Application/JSON; charset=utf-8", "manifest", "a/b; x=\"\\\"\"", "text/plain\r\nX: 1", ""} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		mt, err := parseMediaType(s)
+		if err != nil {
+			return
+		}
+		if len(mt) > maxMediaTypeLen || strings.Count(mt, "/") != 1 || strings.ContainsAny(mt, " ;\"\r\n\x00") || mt != strings.ToLower(mt) {
+			t.Fatalf("parseMediaType(%q) = %q", s, mt)
+		}
+		if again, err := parseMediaType(mt); err != nil || again != mt {
+			t.Fatalf("parseMediaType(%q) = %q, %v; want it unchanged", mt, again, err)
 		}
 	})
 }
