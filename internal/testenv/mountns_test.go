@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 // The engine tests rely on this: a mount in the namespace is seen by commands run in it
@@ -38,8 +39,12 @@ func TestMountNSIsPrivateAndEnds(t *testing.T) {
 			t.Fatal(err)
 		}
 		go cmd.Wait()
-		if pids := ns.Pids(); len(pids) != 2 {
-			t.Errorf("namespace has processes %v, want the holder and sleep", pids)
+		// The command enters the namespace after Start returns (nsenter, then exec): wait
+		// for it to show up rather than race it.
+		for deadline := time.Now().Add(30 * time.Second); len(ns.Pids()) != 2; time.Sleep(10 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("namespace has processes %v, want the holder and sleep", ns.Pids())
+			}
 		}
 	})
 	if pids := ns.Pids(); len(pids) != 0 {
