@@ -83,6 +83,8 @@ func StartMirror(t testing.TB, opts MirrorOptions) *Mirror {
 		log: &lineLogger{t: t, prefix: "node-mirror: "},
 	}
 	m.cmd = exec.Command(bin, args...)
+	// A test binary killed by -timeout must not leave daemons behind.
+	m.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	m.cmd.Stdout = m.log
 	m.cmd.Stderr = m.log
 	m.cmd.WaitDelay = 5 * time.Second
