@@ -168,7 +168,7 @@ func startDaemon(t *testing.T, budget contentstore.Budget) *testDaemon {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := httptest.NewServer(server.New(server.Options{Mirror: m, Admin: admin.Handler(m, nil), Logger: quiet()}).Handler())
+	srv := httptest.NewServer(server.New(server.Options{Mirror: m, Admin: admin.Handler(m, nil, nil), Logger: quiet()}).Handler())
 	t.Cleanup(func() {
 		srv.Close()
 		m.Close()

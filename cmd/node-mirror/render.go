@@ -53,6 +53,48 @@ func writeStatus(w io.Writer, st admin.Status) {
 	}
 	table("TOP REPOSITORIES BY SIZE", s.TopBySize)
 	table("TOP REPOSITORIES BY HITS", s.TopByHits)
+	if m := st.Mirror; m != nil && len(m.Active) > 0 {
+		fmt.Fprintf(w, "\n%-24s %-40s %16s %18s %5s\n", "DOWNLOADING", "REPOSITORY", "STORED", "RECEIVED", "CONNS")
+		for _, d := range m.Active {
+			size := "?"
+			if d.Size >= 0 {
+				size = fb(d.Size)
+			}
+			fmt.Fprintf(w, "%-24s %-40s %16s %18s %5d\n", short(d.Digest), d.Registry+"/"+d.Repo,
+				fb(d.Stored)+" / "+size, percent(d.Received, d.Size), d.Connections)
+		}
+	}
+	if len(st.Fleet) > 0 {
+		fmt.Fprintf(w, "\n%-20s %-8s %-22s %-22s %12s %12s %6s\n", "FLEET MEMBER", "STATE", "PEER API", "GOSSIP", "BYTES IN", "BYTES OUT", "FAULTS")
+		for _, p := range st.Fleet {
+			name := p.Name
+			if p.Self {
+				name += " (self)"
+			}
+			state := string(p.State)
+			if !p.QuarantinedUntil.IsZero() && p.QuarantinedUntil.After(time.Now()) {
+				state = "quarantined"
+			}
+			fmt.Fprintf(w, "%-20s %-8s %-22s %-22s %12s %12s %6d\n", name, state, p.PeerAddr, p.GossipAddr,
+				fb(p.BytesIn), fb(p.BytesOut), p.Faults)
+		}
+	}
+}
+
+// short cuts a digest to its algorithm and first 12 hex digits.
+func short(d string) string {
+	if len(d) > 19 {
+		return d[:19]
+	}
+	return d
+}
+
+// percent says how much of size has arrived; size -1 is unknown.
+func percent(n, size int64) string {
+	if size <= 0 {
+		return humanize.Bytes(n)
+	}
+	return fmt.Sprintf("%s (%.0f%%)", humanize.Bytes(n), 100*float64(n)/float64(size))
 }
 
 // writeGC prints what a collection freed (or would free).

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 
 	"github.com/urfave/cli/v2"
@@ -37,6 +38,17 @@ func serveCommand() *cli.Command {
 			&cli.StringFlag{Name: "token-file", Usage: "require a bearer token listed in this `FILE`"},
 			&cli.BoolFlag{Name: "insecure-public-listen", Usage: "allow listeners beyond loopback without TLS and client auth"},
 			&cli.StringFlag{Name: "ready-file", Usage: "once serving, write the bound listen address to `FILE` (for --listen with port 0)"},
+			&cli.IntFlag{Name: "fetch-concurrency", Usage: "fetch a cold blob over up to `N` connections when its upstream answers ranges (1: one stream; default 4)"},
+			&cli.StringFlag{Name: "fetch-chunk-size", Usage: "ranges of `SIZE` for those fetches, and the fleet's unit of ownership (default 16MiB)"},
+			&cli.StringFlag{Name: "peer-listen", Usage: "fleet: serve the peer API (chunks and manifests, to members only) on `HOST:PORT`; turns fleet mode on"},
+			&cli.StringFlag{Name: "peer-advertise", Usage: "fleet: the peer API address the others dial (default: --peer-listen)"},
+			&cli.StringFlag{Name: "gossip-listen", Usage: "fleet: memberlist's `HOST:PORT`, TCP and UDP"},
+			&cli.StringSliceFlag{Name: "join", Usage: "fleet: gossip `ADDR`s or DNS names of members, comma-separated; retried until one answers"},
+			&cli.StringFlag{Name: "fleet-key-file", Usage: "fleet: `FILE` with the 32-byte key (64 hex digits) that encrypts gossip and signs peer requests"},
+			&cli.StringFlag{Name: "node-name", Usage: "fleet: this member's `NAME` (default: the host name)"},
+			&cli.StringFlag{Name: "peer-tls-cert", Usage: "fleet: serve the peer API over TLS with this certificate `FILE`"},
+			&cli.StringFlag{Name: "peer-tls-key", Usage: "fleet: private key `FILE` for --peer-tls-cert"},
+			&cli.StringFlag{Name: "peer-tls-ca", Usage: "fleet: CA `FILE` the members' peer certificates are checked against (default: system roots)"},
 		},
 		Action: serve,
 	}
@@ -102,6 +114,17 @@ func loadConfig(c *cli.Context) (config.Config, error) {
 	if c.IsSet("eager-fetch") {
 		cfg.Cache.EagerFetch = c.Int("eager-fetch")
 	}
+	if c.IsSet("fetch-concurrency") {
+		cfg.Cache.FetchConcurrency = c.Int("fetch-concurrency")
+	}
+	if v := c.String("fetch-chunk-size"); v != "" {
+		sz, err := config.ParseSize(v)
+		if err != nil {
+			return cfg, fmt.Errorf("--fetch-chunk-size: %w", err)
+		}
+		cfg.Cache.FetchChunkSize = sz
+	}
+	fleetFlags(c, &cfg.Fleet)
 	if err := cfg.Validate(); err != nil {
 		return cfg, fmt.Errorf("config: %w", err)
 	}
@@ -147,4 +170,27 @@ func budgetFlags(c *cli.Context, cfg *config.Config) error {
 		}
 	}
 	return nil
+}
+
+// fleetFlags applies the fleet flags over the config file's [fleet].
+func fleetFlags(c *cli.Context, f *config.Fleet) {
+	for flag, dst := range map[string]*string{
+		"peer-listen": &f.PeerListen, "peer-advertise": &f.PeerAdvertise, "gossip-listen": &f.GossipListen,
+		"fleet-key-file": &f.KeyFile, "node-name": &f.NodeName,
+		"peer-tls-cert": &f.PeerTLSCert, "peer-tls-key": &f.PeerTLSKey, "peer-tls-ca": &f.PeerTLSCA,
+	} {
+		if v := c.String(flag); v != "" {
+			*dst = v
+		}
+	}
+	if j := c.StringSlice("join"); len(j) > 0 {
+		f.Join = nil
+		for _, v := range j {
+			for _, a := range strings.Split(v, ",") {
+				if a = strings.TrimSpace(a); a != "" {
+					f.Join = append(f.Join, a)
+				}
+			}
+		}
+	}
 }

@@ -13,6 +13,7 @@ import (
 	"net/http/pprof"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"time"
 
@@ -24,6 +25,7 @@ import (
 	"github.com/node-mirror/node-mirror/pkg/admin"
 	"github.com/node-mirror/node-mirror/pkg/config"
 	"github.com/node-mirror/node-mirror/pkg/contentstore"
+	"github.com/node-mirror/node-mirror/pkg/fleet"
 	"github.com/node-mirror/node-mirror/pkg/metrics"
 	"github.com/node-mirror/node-mirror/pkg/mirror"
 	"github.com/node-mirror/node-mirror/pkg/server"
@@ -65,6 +67,8 @@ type Daemon struct {
 	srv    *server.Server
 	main   net.Listener
 	sides  []side
+	fleet  *fleet.Fleet // nil unless fleet mode is configured
+	peerLn net.Listener
 
 	mu  sync.Mutex    // serialises reloads
 	cfg config.Config // the configuration applied last
@@ -131,14 +135,22 @@ func New(o Options) (*Daemon, error) {
 	if err != nil {
 		return nil, err
 	}
+	if cfg.Fleet.Enabled() {
+		if err := d.startFleet(cfg, reg); err != nil {
+			return nil, err
+		}
+	}
 	mo := mirrorOptions(cfg, regs)
-	mo.Store, mo.Logger, mo.Metrics = d.store, d.log, d.met
+	mo.Store, mo.Logger, mo.Metrics, mo.Fleet = d.store, d.log, d.met, d.fleet
+	mo.FetchConcurrency = cfg.Cache.FetchConcurrency
+	mo.FetchChunkSize = cfg.Cache.FetchChunkSize.Bytes
+	mo.UpstreamConnections = cfg.Cache.UpstreamConnections
 	if d.mirror, err = mirror.New(mo); err != nil {
 		return nil, err
 	}
 
 	metricsHandler := promhttp.HandlerFor(reg, promhttp.HandlerOpts{})
-	so := server.Options{Listen: cfg.Listen, Mirror: d.mirror, Admin: admin.Handler(d.mirror, d.log),
+	so := server.Options{Listen: cfg.Listen, Mirror: d.mirror, Admin: admin.Handler(d.mirror, d.fleet, d.log),
 		Metrics: d.met, Logger: d.log, Auth: o.Auth}
 	if o.MetricsListen == "" {
 		so.MetricsHandler = metricsHandler
@@ -162,6 +174,35 @@ func New(o Options) (*Daemon, error) {
 	}
 	built = true
 	return d, nil
+}
+
+// startFleet joins the fleet and binds the peer API. The peer listener may face the
+// network: it serves members only, and every request is signed with the fleet key.
+func (d *Daemon) startFleet(cfg config.Config, reg prometheus.Registerer) error {
+	fc := cfg.Fleet
+	key, err := fleet.LoadKey(fc.KeyFile)
+	if err != nil {
+		return fmt.Errorf("fleet key: %w", err)
+	}
+	if d.peerLn, err = net.Listen("tcp", fc.PeerListen); err != nil {
+		return fmt.Errorf("--peer-listen: %w", err)
+	}
+	adv := fc.PeerAdvertise
+	if adv == "" {
+		adv = d.peerLn.Addr().String()
+		if host, _, _ := net.SplitHostPort(adv); net.ParseIP(host) != nil && net.ParseIP(host).IsUnspecified() {
+			return fmt.Errorf("--peer-listen %s listens on every address: say which one the others dial with --peer-advertise", fc.PeerListen)
+		}
+	}
+	d.fleet, err = fleet.Start(context.Background(), fleet.Config{
+		NodeName: fc.NodeName, GossipListen: fc.GossipListen, PeerAdvertise: adv, Join: fc.Join, Key: key,
+		Logger: d.log, Registerer: reg, MaxManifestSize: cfg.Cache.MaxManifestSize,
+		PeerTLS: fleet.PeerTLS{Cert: fc.PeerTLSCert, Key: fc.PeerTLSKey, CA: fc.PeerTLSCA},
+	})
+	if err != nil {
+		return fmt.Errorf("joining the fleet: %w", err)
+	}
+	return nil
 }
 
 // Addr is the bound main address (the port is known here when --listen asked for 0).
@@ -195,6 +236,14 @@ func (d *Daemon) Run(ctx context.Context, reload <-chan os.Signal) error {
 		}
 	}
 	go serve("listen", d.srv, d.main)
+	if d.fleet != nil {
+		go func() {
+			if err := d.fleet.Serve(d.peerLn, d.mirror); !errors.Is(err, http.ErrServerClosed) {
+				errc <- fmt.Errorf("peer-listen: %w", err)
+			}
+		}()
+		d.log.Info("serving the fleet's peer API", "peer_listen", d.peerLn.Addr().String(), "gossip", d.fleet.GossipAddr(), "node", d.fleet.Name())
+	}
 	for _, s := range d.sides {
 		go serve(s.flag, s.srv, s.ln)
 		d.log.Info("serving "+s.flag, "listen", s.ln.Addr().String())
@@ -268,11 +317,22 @@ func (d *Daemon) Reload() error {
 	if cfg.DataDir != d.cfg.DataDir {
 		restart = append(restart, "data_dir")
 	}
+	if cfg.Fleet.Enabled() != d.cfg.Fleet.Enabled() || !slices.Equal(cfg.Fleet.Join, d.cfg.Fleet.Join) ||
+		cfg.Fleet.PeerListen != d.cfg.Fleet.PeerListen || cfg.Fleet.GossipListen != d.cfg.Fleet.GossipListen ||
+		cfg.Fleet.KeyFile != d.cfg.Fleet.KeyFile || cfg.Fleet.PeerAdvertise != d.cfg.Fleet.PeerAdvertise {
+		restart = append(restart, "fleet")
+	}
+	if cfg.Cache.FetchConcurrency != d.cfg.Cache.FetchConcurrency || cfg.Cache.FetchChunkSize != d.cfg.Cache.FetchChunkSize ||
+		cfg.Cache.UpstreamConnections != d.cfg.Cache.UpstreamConnections {
+		restart = append(restart, "fetch_concurrency, fetch_chunk_size, upstream_connections")
+	}
 	if len(restart) > 0 {
 		d.log.Warn("these keys take effect on restart; the running values stay", "keys", restart,
 			"listen", d.cfg.Listen, "data_dir", d.cfg.DataDir)
 	}
 	cfg.Listen, cfg.DataDir = d.cfg.Listen, d.cfg.DataDir
+	cfg.Fleet, cfg.Cache.FetchConcurrency = d.cfg.Fleet, d.cfg.Cache.FetchConcurrency
+	cfg.Cache.FetchChunkSize, cfg.Cache.UpstreamConnections = d.cfg.Cache.FetchChunkSize, d.cfg.Cache.UpstreamConnections
 	d.cfg = cfg
 	d.log.Info("config reloaded", "registries", registryNames(cfg), "default", cfg.DefaultRegistry,
 		"tag_freshness", cfg.Cache.TagFreshness.Duration, "list_ttl", cfg.Cache.ListTTL.Duration,
@@ -283,6 +343,12 @@ func (d *Daemon) Reload() error {
 // close releases what New opened, in the order that keeps the store consistent: the
 // listeners, then the mirror's downloads, then the store.
 func (d *Daemon) close() {
+	if d.fleet != nil {
+		// Leave first: the others stop asking this node while the chunks it serves finish.
+		d.fleet.Close()
+	} else if d.peerLn != nil {
+		d.peerLn.Close()
+	}
 	for _, s := range d.sides {
 		s.srv.Close()
 		s.ln.Close()

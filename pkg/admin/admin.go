@@ -16,6 +16,7 @@ import (
 
 	"github.com/node-mirror/node-mirror/internal/wire"
 	"github.com/node-mirror/node-mirror/pkg/contentstore"
+	"github.com/node-mirror/node-mirror/pkg/fleet"
 	"github.com/node-mirror/node-mirror/pkg/mirror"
 )
 
@@ -29,10 +30,12 @@ type Status struct {
 	Store  contentstore.Stats `json:"store"`
 	// Mirror is nil offline: request counters live only in the running daemon.
 	Mirror *mirror.Stats `json:"mirror,omitempty"`
+	// Fleet lists the members, with the bytes exchanged with each; nil without a fleet.
+	Fleet []fleet.PeerStats `json:"fleet,omitempty"`
 }
 
-// Handler serves the admin API for a running mirror.
-func Handler(m *mirror.Mirror, log *slog.Logger) http.Handler {
+// Handler serves the admin API for a running mirror; f is its fleet, or nil.
+func Handler(m *mirror.Mirror, f *fleet.Fleet, log *slog.Logger) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /admin/status", func(w http.ResponseWriter, r *http.Request) {
 		st, err := m.Store().Stats(r.Context(), TopRepos)
@@ -41,7 +44,11 @@ func Handler(m *mirror.Mirror, log *slog.Logger) http.Handler {
 			return
 		}
 		ms := m.Stats()
-		wire.JSON(w, r, http.StatusOK, Status{Source: "daemon", Store: st, Mirror: &ms})
+		status := Status{Source: "daemon", Store: st, Mirror: &ms}
+		if f != nil {
+			status.Fleet = f.Stats()
+		}
+		wire.JSON(w, r, http.StatusOK, status)
 	})
 	mux.HandleFunc("POST /admin/gc", func(w http.ResponseWriter, r *http.Request) {
 		dry, _ := strconv.ParseBool(r.URL.Query().Get("dry_run"))

@@ -30,7 +30,7 @@ func newAdmin(t *testing.T) *httptest.Server {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := httptest.NewServer(Handler(m, nil))
+	srv := httptest.NewServer(Handler(m, nil, nil))
 	t.Cleanup(func() {
 		srv.Close()
 		m.Close()

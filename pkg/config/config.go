@@ -29,7 +29,34 @@ type Config struct {
 	DefaultRegistry string     `toml:"default_registry"`
 	Cache           Cache      `toml:"cache"`
 	Registries      []Registry `toml:"registry"`
+	// Fleet makes this node one of a cluster's mirrors; off unless peer_listen is set.
+	Fleet Fleet `toml:"fleet"`
 }
+
+// Fleet is the cluster this node shares its cache with (docs/fleet.md).
+type Fleet struct {
+	// NodeName is this member's name, unique in the fleet; default: the host name.
+	NodeName string `toml:"node_name"`
+	// PeerListen is where the peer API listens (members only, every request signed);
+	// setting it turns fleet mode on.
+	PeerListen string `toml:"peer_listen"`
+	// PeerAdvertise is the peer API address the others dial; default: PeerListen.
+	PeerAdvertise string `toml:"peer_advertise"`
+	// GossipListen is where memberlist listens, TCP and UDP.
+	GossipListen string `toml:"gossip_listen"`
+	// Join lists gossip addresses or DNS names of members, retried until one answers.
+	Join []string `toml:"join"`
+	// KeyFile holds the fleet key: 64 hex digits, readable by the daemon only.
+	KeyFile string `toml:"key_file"`
+	// PeerTLSCert and PeerTLSKey serve the peer API over TLS; PeerTLSCA is what members
+	// trust (empty: the system roots).
+	PeerTLSCert string `toml:"peer_tls_cert"`
+	PeerTLSKey  string `toml:"peer_tls_key"`
+	PeerTLSCA   string `toml:"peer_tls_ca"`
+}
+
+// Enabled reports whether fleet mode is configured.
+func (f Fleet) Enabled() bool { return f.PeerListen != "" }
 
 // Cache is the cache policy.
 type Cache struct {
@@ -52,6 +79,15 @@ type Cache struct {
 	// EagerFetch is how many layers of a requested image are fetched ahead of the engine
 	// at once; 0 turns it off.
 	EagerFetch int `toml:"eager_fetch"`
+	// FetchConcurrency is how many connections fetch one cold blob when its upstream
+	// answers ranges; 1 fetches every blob as one stream.
+	FetchConcurrency int `toml:"fetch_concurrency"`
+	// FetchChunkSize is the size of those ranges ("16MiB"); blobs under two chunks are one
+	// request. In a fleet it is also the unit of ownership: the same on every member.
+	FetchChunkSize Size `toml:"fetch_chunk_size"`
+	// UpstreamConnections caps, per registry, the connections ranged fetches add beyond
+	// each blob's first.
+	UpstreamConnections int `toml:"upstream_connections"`
 }
 
 // Size is a byte count ("20GiB", "512MB", "1000") or a percentage of the data dir's
@@ -179,6 +215,10 @@ func Default() Config {
 			MaxManifestSize: 4 << 20,
 			OrphanGrace:     Duration{time.Hour},
 			EagerFetch:      4,
+			// From the sweep in docs/BENCHMARKS.md.
+			FetchConcurrency:    4,
+			FetchChunkSize:      Size{Bytes: 16 << 20},
+			UpstreamConnections: 16,
 		},
 	}
 	for _, name := range DefaultRegistries {
@@ -272,6 +312,18 @@ func (c *Config) Validate() error {
 	}
 	if c.Cache.EagerFetch < 0 {
 		return errors.New("cache.eager_fetch must be 0 (off) or more")
+	}
+	if c.Cache.FetchConcurrency < 1 || c.Cache.FetchConcurrency > 64 {
+		return errors.New("cache.fetch_concurrency must be 1 (one stream per blob) to 64")
+	}
+	if cs := c.Cache.FetchChunkSize; cs.Percent != 0 || cs.Bytes < 64<<10 || cs.Bytes > MaxFetchChunkSize {
+		return fmt.Errorf("cache.fetch_chunk_size must be a size from 64KiB to %s", FormatSize(MaxFetchChunkSize))
+	}
+	if c.Cache.UpstreamConnections < 1 {
+		return errors.New("cache.upstream_connections must be 1 or more")
+	}
+	if err := c.Fleet.validate(); err != nil {
+		return err
 	}
 	seen := map[string]bool{}
 	for i := range c.Registries {
@@ -371,6 +423,39 @@ func hostKey(u *url.URL) string {
 		p = map[string]string{"http": "80", "https": "443"}[u.Scheme]
 	}
 	return net.JoinHostPort(strings.ToLower(u.Hostname()), p)
+}
+
+// MaxFetchChunkSize bounds fetch_chunk_size: a chunk is what one member may ask another
+// to fetch and hold, and the peer API refuses larger ones.
+const MaxFetchChunkSize = 64 << 20
+
+// FormatSize writes a byte count as ParseSize reads it.
+func FormatSize(n int64) string { return Size{Bytes: n}.String() }
+
+func (f Fleet) validate() error {
+	if !f.Enabled() {
+		if f.GossipListen != "" || len(f.Join) > 0 || f.KeyFile != "" || f.PeerAdvertise != "" {
+			return errors.New("fleet: peer_listen is not set, so the other fleet keys do nothing; set it, or remove them")
+		}
+		return nil
+	}
+	for key, v := range map[string]string{"peer_listen": f.PeerListen, "gossip_listen": f.GossipListen} {
+		if _, _, err := net.SplitHostPort(v); err != nil {
+			return fmt.Errorf("fleet.%s %q: want host:port: %w", key, v, err)
+		}
+	}
+	if f.PeerAdvertise != "" {
+		if _, _, err := net.SplitHostPort(f.PeerAdvertise); err != nil {
+			return fmt.Errorf("fleet.peer_advertise %q: want host:port: %w", f.PeerAdvertise, err)
+		}
+	}
+	if f.KeyFile == "" {
+		return errors.New("fleet: key_file is required with peer_listen: every peer request is signed with the fleet key")
+	}
+	if (f.PeerTLSCert == "") != (f.PeerTLSKey == "") {
+		return errors.New("fleet: peer_tls_cert and peer_tls_key go together")
+	}
+	return nil
 }
 
 // DefaultEndpoint is where a registry's API lives when the config names none.

@@ -245,7 +245,7 @@ func (m *Mirror) OpenChunk(ctx context.Context, req fleet.ChunkRequest) (io.Read
 			return nil, fmt.Errorf("chunk %d of %s is on its way from a member: %w", k, req.Digest, fleet.ErrNotFound)
 		}
 		if c.claim() { // its last fill gave up: try again
-			go m.fill(m.ctx, rt, c, m.fleetSources(rt, req.Digest, req.Size, c, nil))
+			m.fillForMembers(rt, c, req)
 		}
 		r := c.reader(ctx, req.Offset, req.Offset+req.Length)
 		c.release()
@@ -267,17 +267,25 @@ func (m *Mirror) OpenChunk(ctx context.Context, req fleet.ChunkRequest) (io.Read
 	m.chunks.mu.Unlock()
 	res.Release() // another request made the entry first
 	if c.claim() {
-		m.wg.Add(1)
-		go func() {
-			defer m.wg.Done()
-			if err := m.fill(m.ctx, rt, c, m.fleetSources(rt, req.Digest, req.Size, c, nil)); err != nil {
-				m.log.Debug("chunk for members failed", "digest", req.Digest, "chunk", k, "err", err)
-			}
-		}()
+		m.fillForMembers(rt, c, req)
 	}
 	r := c.reader(ctx, req.Offset, req.Offset+req.Length)
 	c.release()
 	return r, nil
+}
+
+// fillForMembers fills a chunk members asked for, in the background: it outlives the
+// request (the next members to ask read it too).
+func (m *Mirror) fillForMembers(rt route, c *chunk, req fleet.ChunkRequest) {
+	m.wg.Add(1)
+	rt.policy.hold()
+	go func() {
+		defer m.wg.Done()
+		defer rt.policy.release()
+		if err := m.fill(m.ctx, rt, c, m.fleetSources(rt, req.Digest, req.Size, c, nil)); err != nil {
+			m.log.Debug("chunk for members failed", "digest", req.Digest, "start", c.start, "err", err)
+		}
+	}()
 }
 
 // sectionFile reads part of a stored blob and closes it after.
@@ -439,4 +447,84 @@ func sameBytes(x, y io.Reader, a, b []byte) bool {
 			return errors.Is(errA, io.ErrUnexpectedEOF) || errors.Is(errA, io.EOF)
 		}
 	}
+}
+
+// manifestFromFleet gets a manifest by digest from the member that owns it (as chunk 0 of
+// a blob of that digest), or, owned here, from the member that owned it before the ring
+// changed; asOwner says this node is answering a member that asked it as the owner, so
+// only the previous owner is asked. The body is verified against the digest; a member
+// that sent something else is reported.
+func (m *Mirror) manifestFromFleet(ctx context.Context, rt route, dgst digest.Digest, asOwner bool) (*manifest, error) {
+	f := m.opts.Fleet
+	if f == nil {
+		return nil, fleet.ErrNotFound
+	}
+	owners := f.Owners(dgst, 0)
+	var who fleet.Member
+	hop := 0
+	switch {
+	case len(owners) > 0 && owners[0].Name != f.Name() && !asOwner:
+		who = owners[0]
+	case len(owners) > 1 && (owners[0].Name == f.Name() || asOwner) && owners[1].Name != f.Name():
+		who, hop = owners[1], 1
+	default:
+		return nil, fleet.ErrNotFound
+	}
+	fctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	body, mt, err := f.FetchManifest(fctx, who, fleet.ManifestRequest{Registry: rt.registry, Repo: rt.repo, Digest: dgst, Hop: hop})
+	if err != nil {
+		if !errors.Is(err, fleet.ErrNotFound) || hop == 0 {
+			m.peerFallback(err)
+		}
+		return nil, err
+	}
+	if got := dgst.Algorithm().FromBytes(body); got != dgst || int64(len(body)) > rt.policy.maxManifestSize {
+		m.log.Warn("member sent a wrong manifest", "peer", who.Name, "digest", dgst, "got", got)
+		f.ReportFault(who.Name)
+		m.peerFallback(&fleet.FetchError{Peer: who.Name, Reason: fleet.FallbackFault})
+		return nil, fmt.Errorf("manifest %s from member %s: got %s: %w", dgst, who.Name, got, errContentMismatch)
+	}
+	// The digest covers the body, not the media type the member named: take the body's
+	// own word where it has one.
+	return m.storeManifest(ctx, rt, dgst, body, mediaTypeOf(mt, body)), nil
+}
+
+// OpenManifest serves a member's request for a manifest by digest (fleet.ManifestSource):
+// from the store, or, asked as the owner (hop 0), from the previous owner or upstream,
+// once however many members ask.
+func (m *Mirror) OpenManifest(ctx context.Context, req fleet.ManifestRequest) ([]byte, string, error) {
+	pol := m.policy.Load()
+	client := pol.registries[req.Registry]
+	if client == nil {
+		return nil, "", fmt.Errorf("registry %s is not mirrored here: %w", req.Registry, fleet.ErrNotFound)
+	}
+	if mf, err := m.cachedManifest(req.Digest, pol.maxManifestSize); err == nil {
+		m.store.Touch(req.Digest)
+		return mf.body, mf.mediaType, nil
+	}
+	if req.Hop != 0 {
+		return nil, "", fmt.Errorf("manifest %s is not here: %w", req.Digest, fleet.ErrNotFound)
+	}
+	rt := route{registry: req.Registry, repo: req.Repo, kind: kindManifests, ref: req.Digest.String(), digest: req.Digest, client: client, policy: pol}
+	pol.hold()
+	defer pol.release()
+	v, err, _ := m.flight.Do("manifest:"+rt.registry+"/"+rt.repo+"@"+req.Digest.String(), func() (any, error) {
+		if mf, err := m.manifestFromFleet(m.ctx, rt, req.Digest, true); err == nil {
+			return mf, nil
+		}
+		return m.fetchManifest(m.ctx, rt, req.Digest.String(), req.Digest, 0)
+	})
+	if err != nil {
+		var se *upstream.StatusError
+		switch {
+		case errors.Is(err, upstream.ErrNotFound):
+			return nil, "", fmt.Errorf("%w: %w", fleet.ErrNotFound, err)
+		case errors.As(err, &se) && se.Status == http.StatusTooManyRequests:
+			return nil, "", fmt.Errorf("%w: %w", fleet.ErrTooManyRequests, err)
+		}
+		return nil, "", fmt.Errorf("%w: %w", fleet.ErrUnavailable, err)
+	}
+	mf := v.(*manifest)
+	return mf.body, mf.mediaType, nil
 }

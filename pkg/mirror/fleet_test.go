@@ -199,6 +199,10 @@ func TestFleetPullsEachByteOnce(t *testing.T) {
 	wg.Wait()
 	size := imageBytes(t, img)
 	sent := ub.n.Load()
+	md, _ := img.Digest()
+	if n := up.requests(http.MethodGet, "/v2/library/app/manifests/v1") + up.requests(http.MethodGet, "/v2/library/app/manifests/"+md.String()); n != 1 {
+		t.Errorf("4 members made %d manifest GETs upstream, want 1 (the owner's; tags are resolved with HEADs)", n)
+	}
 	t.Logf("4 members pulled a %d-byte image; upstream sent %d blob bytes (%.2fx)", size, sent, float64(sent)/float64(size))
 	if float64(sent) > 1.1*float64(size) {
 		t.Errorf("upstream sent %d blob bytes for a %d-byte image to 4 members, want at most 1.1x", sent, size)

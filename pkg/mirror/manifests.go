@@ -99,6 +99,9 @@ func (m *Mirror) manifestByDigest(ctx context.Context, rt route, dgst digest.Dig
 		return mf, ResultHit, err
 	}
 	v, err, _ := m.flight.Do("manifest:"+rt.registry+"/"+rt.repo+"@"+dgst.String(), func() (any, error) {
+		if mf, err := m.manifestFromFleet(m.ctx, rt, dgst, false); err == nil {
+			return mf, nil
+		}
 		return m.fetchManifest(m.ctx, rt, dgst.String(), dgst, 0)
 	})
 	if err != nil {
@@ -146,10 +149,13 @@ func (m *Mirror) fetchManifest(ctx context.Context, rt route, ref string, want d
 	} else {
 		dgst = digest.FromBytes(body)
 	}
-	mt := mediaTypeOf(resp.Header.Get("Content-Type"), body)
-	// The manifest is verified and in memory: a store that cannot take it (disk full)
-	// costs the cache, not the pull.
-	err = m.store.PutBlob(ctx, dgst, body)
+	return m.storeManifest(ctx, rt, dgst, body, mediaTypeOf(resp.Header.Get("Content-Type"), body)), nil
+}
+
+// storeManifest keeps a verified manifest. A store that cannot take it (disk full) costs
+// the cache, not the pull.
+func (m *Mirror) storeManifest(ctx context.Context, rt route, dgst digest.Digest, body []byte, mt string) *manifest {
+	err := m.store.PutBlob(ctx, dgst, body)
 	if err == nil {
 		err = m.store.RecordBlob(dgst, mt, int64(len(body)), rt.registry+"/"+rt.repo)
 	}
@@ -159,7 +165,7 @@ func (m *Mirror) fetchManifest(ctx context.Context, rt route, ref string, want d
 		}
 		m.notePassThrough(ctx, rt, err)
 	}
-	return &manifest{body: body, mediaType: mt, digest: dgst}, nil
+	return &manifest{body: body, mediaType: mt, digest: dgst}
 }
 
 func tagKey(rt route) string { return rt.registry + "/" + rt.repo + ":" + rt.ref }
@@ -276,6 +282,14 @@ func (m *Mirror) revalidateTag(rt route, cached *manifest) (*manifest, error) {
 			mf = cached
 		} else if c, cerr := m.cachedManifest(d, rt.policy.maxManifestSize); cerr == nil {
 			mf = c // the same manifest is already here under another name
+		} else if m.opts.Fleet != nil {
+			// In a fleet a manifest by digest comes from its owner: the cluster asks
+			// upstream for it once (Docker Hub counts manifest GETs as pulls).
+			byDigest := rt
+			byDigest.ref, byDigest.digest = d.String(), d
+			if c, _, ferr := m.manifestByDigest(ctx, byDigest, d); ferr == nil {
+				mf = c
+			}
 		}
 	}
 	if mf == nil {

@@ -70,7 +70,7 @@ func debugHandler() http.Handler {
 // "Host: rebind.attacker.example" to 127.0.0.1. On a loopback listener such requests are
 // refused on every path and side listener; loopback names and addresses pass.
 func TestHostCheckOnLoopback(t *testing.T) {
-	e := newEnv(t, func(o *Options) { o.Admin = admin.Handler(o.Mirror.(*mirror.Mirror), nil) })
+	e := newEnv(t, func(o *Options) { o.Admin = admin.Handler(o.Mirror.(*mirror.Mirror), nil, nil) })
 	main := strings.TrimPrefix(e.url, "http://")
 	metricsSide := serveSide(t, e.srv, "127.0.0.1:0", e.srv.opts.MetricsHandler)
 	debugSide := serveSide(t, e.srv, "[::1]:0", debugHandler())

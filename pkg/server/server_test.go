@@ -511,7 +511,7 @@ func TestAdminBehindAuth(t *testing.T) {
 	}
 	e := newEnv(t, func(o *Options) {
 		o.Auth = tokens
-		o.Admin = admin.Handler(o.Mirror.(*mirror.Mirror), nil)
+		o.Admin = admin.Handler(o.Mirror.(*mirror.Mirror), nil, nil)
 	})
 	for _, c := range []struct {
 		method, path, token string
