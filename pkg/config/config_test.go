@@ -389,3 +389,39 @@ func TestRegistryNames(t *testing.T) {
 		})
 	}
 }
+
+// TestFetchAndFleetKeys: the ranged-fetch and fleet keys take what the daemon can honour
+// and refuse the rest with the key's name.
+func TestFetchAndFleetKeys(t *testing.T) {
+	for _, tc := range []struct {
+		body string
+		bad  string // a word the error must carry; "" for valid
+	}{
+		{"[cache]\nfetch_concurrency = 1\nfetch_chunk_size = \"64KiB\"\n", ""},
+		{"[cache]\nfetch_concurrency = 8\nfetch_chunk_size = \"64MiB\"\nupstream_connections = 2\n", ""},
+		{"[cache]\nfetch_concurrency = 0\n", "fetch_concurrency"},
+		{"[cache]\nfetch_concurrency = 65\n", "fetch_concurrency"},
+		{"[cache]\nfetch_chunk_size = \"1KiB\"\n", "fetch_chunk_size"},
+		{"[cache]\nfetch_chunk_size = \"65MiB\"\n", "fetch_chunk_size"},
+		{"[cache]\nfetch_chunk_size = \"10%\"\n", "fetch_chunk_size"},
+		{"[cache]\nupstream_connections = 0\n", "upstream_connections"},
+		{"[fleet]\npeer_listen = \"127.0.0.1:5001\"\ngossip_listen = \"127.0.0.1:7946\"\nkey_file = \"/k\"\n", ""},
+		{"[fleet]\npeer_listen = \"127.0.0.1:5001\"\ngossip_listen = \"127.0.0.1:7946\"\n", "key_file"},
+		{"[fleet]\npeer_listen = \"127.0.0.1:5001\"\nkey_file = \"/k\"\n", "gossip_listen"},
+		{"[fleet]\npeer_listen = \"5001\"\ngossip_listen = \"127.0.0.1:7946\"\nkey_file = \"/k\"\n", "peer_listen"},
+		{"[fleet]\ngossip_listen = \"127.0.0.1:7946\"\njoin = [\"a:1\"]\n", "peer_listen"},
+		{"[fleet]\npeer_listen = \"127.0.0.1:5001\"\ngossip_listen = \"127.0.0.1:7946\"\nkey_file = \"/k\"\npeer_tls_cert = \"/c\"\n", "peer_tls_key"},
+		{"[fleet]\npeer_listen = \"127.0.0.1:5001\"\nbogus = 1\n", "bogus"},
+	} {
+		c, err := Load(write(t, tc.body))
+		if err == nil {
+			err = c.Validate()
+		}
+		switch {
+		case tc.bad == "" && err != nil:
+			t.Errorf("%q: %v", tc.body, err)
+		case tc.bad != "" && (err == nil || !strings.Contains(err.Error(), tc.bad)):
+			t.Errorf("%q: error %v, want one naming %s", tc.body, err, tc.bad)
+		}
+	}
+}
