@@ -60,13 +60,6 @@ func (c *chunk) wake() {
 	}
 }
 
-// complete reports whether every byte is in.
-func (c *chunk) complete() bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.have == c.size()
-}
-
 // claim makes the caller the chunk's filler unless another fill runs or it is complete.
 func (c *chunk) claim() bool {
 	c.mu.Lock()
