@@ -1,13 +1,21 @@
 package testenv
 
 import (
+	"bytes"
+	"fmt"
 	"io"
 	"net/http"
+	"slices"
 	"testing"
+	"time"
 
 	"github.com/google/go-containerregistry/pkg/name"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/validate"
+	"github.com/opencontainers/go-digest"
+
+	"github.com/node-mirror/node-mirror/internal/fault"
 )
 
 func get(t *testing.T, url string) (int, error) {
@@ -108,5 +116,125 @@ func TestHostsTOML(t *testing.T) {
 `
 	if got != want {
 		t.Fatalf("got:\n%s\nwant:\n%s", got, want)
+	}
+}
+
+// What the mirror's tests rely on: the hook sees a request after it was logged and may
+// answer it; Faults apply to the code under test and never to the push helpers; the log
+// keeps Range headers; open connections are counted.
+func TestUpstreamHookFaultsAndConnections(t *testing.T) {
+	for _, disk := range []bool{false, true} {
+		t.Run(fmt.Sprint("disk=", disk), func(t *testing.T) {
+			var opts []UpstreamOption
+			if disk {
+				opts = append(opts, WithDiskBlobs())
+			}
+			up := NewUpstream(t, opts...)
+			img, layer := up.PushOneLayer("library/a", "v1", 4096)
+			if len(img.Layers) != 1 || layer.Digest.String() != img.Layers[0].String() || digest.FromBytes(layer.Bytes) != layer.Digest {
+				t.Fatalf("PushOneLayer: layer %s of %d bytes, image layers %v", layer.Digest, len(layer.Bytes), img.Layers)
+			}
+			// The server sees a connection closed a moment after the client closed it.
+			waitConns := func(n int, what string) {
+				t.Helper()
+				for deadline := time.Now().Add(30 * time.Second); up.OpenConns() != n; time.Sleep(10 * time.Millisecond) {
+					if time.Now().After(deadline) {
+						t.Fatalf("%d open connections %s, want %d", up.OpenConns(), what, n)
+					}
+				}
+			}
+			waitConns(0, "after the push")
+
+			client := &http.Client{Transport: &http.Transport{}}
+			do := func(rng string) (int, []byte) {
+				t.Helper()
+				req, _ := http.NewRequest(http.MethodGet, up.URL()+layer.Path, nil)
+				if rng != "" {
+					req.Header.Set("Range", rng)
+				}
+				resp, err := client.Do(req)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer resp.Body.Close()
+				b, _ := io.ReadAll(resp.Body)
+				return resp.StatusCode, b
+			}
+			if code, b := do("bytes=10-"); code != http.StatusPartialContent || !bytes.Equal(b, layer.Bytes[10:]) {
+				t.Fatalf("ranged GET: %d, %d bytes", code, len(b))
+			}
+			waitConns(1, "after one request on a keep-alive client")
+
+			// Faults distort answers to the code under test; pushes meanwhile are untouched.
+			up.Faults.Set(fault.Rule{Kind: fault.Status, Status: http.StatusServiceUnavailable})
+			if code, _ := do(""); code != http.StatusServiceUnavailable {
+				t.Fatalf("GET with a status fault: %d", code)
+			}
+			up.PushOneLayer("library/b", "v1", 1024)
+			up.Faults.Clear()
+
+			// The hook answers before Faults and the registry.
+			up.SetHook(func(w http.ResponseWriter, r *http.Request) bool {
+				if r.URL.Path != layer.Path {
+					return false
+				}
+				w.WriteHeader(http.StatusTeapot)
+				return true
+			})
+			if code, _ := do(""); code != http.StatusTeapot {
+				t.Fatalf("GET with a hook: %d", code)
+			}
+			up.PushOneLayer("library/c", "v1", 1024)
+			up.SetHook(nil)
+			if code, b := do(""); code != http.StatusOK || !bytes.Equal(b, layer.Bytes) {
+				t.Fatalf("GET after the hook was removed: %d, %d bytes", code, len(b))
+			}
+
+			want := []Request{
+				{Method: "GET", Path: layer.Path, Status: 206, Range: "bytes=10-"},
+				{Method: "GET", Path: layer.Path, Status: 503},
+				{Method: "GET", Path: layer.Path, Status: 418},
+				{Method: "GET", Path: layer.Path, Status: 200},
+			}
+			got := up.Requests()
+			for i := range got {
+				got[i].UserAgent = ""
+			}
+			if !slices.Equal(got, want) {
+				t.Fatalf("request log:\n%s", up.RequestLog())
+			}
+			if n := up.CountPath(http.MethodGet, layer.Path); n != 4 || up.AnyBlobGETs() != 4 {
+				t.Fatalf("CountPath %d, AnyBlobGETs %d, want 4", n, up.AnyBlobGETs())
+			}
+			if r := up.BlobRanges(v1.Hash{Algorithm: "sha256", Hex: layer.Digest.Encoded()}); !slices.Equal(r, []string{"bytes=10-", "", "", ""}) {
+				t.Fatalf("BlobRanges %q", r)
+			}
+
+			client.CloseIdleConnections()
+			waitConns(0, "after the client closed its own")
+		})
+	}
+}
+
+// ServeSlowly streams the body in pieces, with or without a length, and counts its GETs.
+func TestServeSlowly(t *testing.T) {
+	for _, chunked := range []bool{false, true} {
+		t.Run(fmt.Sprint("chunked=", chunked), func(t *testing.T) {
+			up := NewUpstream(t)
+			body := bytes.Repeat([]byte("slow "), 1000)
+			gets := up.ServeSlowly("/v2/x/blobs/y", body, 1000, time.Millisecond, chunked)
+			resp, err := http.Get(up.URL() + "/v2/x/blobs/y")
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, err := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if err != nil || !bytes.Equal(b, body) {
+				t.Fatalf("%v, %d bytes", err, len(b))
+			}
+			if (resp.ContentLength == -1) != chunked || gets.Load() != 1 {
+				t.Fatalf("Content-Length %d with chunked %v; %d GETs", resp.ContentLength, chunked, gets.Load())
+			}
+		})
 	}
 }
