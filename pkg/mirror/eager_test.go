@@ -5,11 +5,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/empty"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
-	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/opencontainers/go-digest"
 )
 
@@ -52,9 +50,8 @@ func TestEagerLayerFetch(t *testing.T) {
 		mutate.IndexAddendum{Add: amd, Descriptor: v1.Descriptor{Platform: &v1.Platform{OS: "linux", Architecture: "amd64"}}},
 		mutate.IndexAddendum{Add: arm, Descriptor: v1.Descriptor{Platform: &v1.Platform{OS: "linux", Architecture: "arm64"}}},
 	)
-	ref := up.host() + "/library/multi:v1"
-	pushIndex(t, ref, idx)
-	tm := newMirror(t, map[string][]string{"docker.io": {up.srv.URL}}, func(o *Options) { o.Platform, o.EagerFetch = "linux/amd64", 4 })
+	up.PushIndex("library/multi", "v1", idx)
+	tm := newMirror(t, map[string][]string{"docker.io": {up.URL()}}, func(o *Options) { o.Platform, o.EagerFetch = "linux/amd64", 4 })
 
 	if resp, _ := tm.get(t, http.MethodGet, "/v2/library/multi/manifests/v1"); resp.StatusCode != 200 {
 		t.Fatalf("index: %d", resp.StatusCode)
@@ -63,36 +60,25 @@ func TestEagerLayerFetch(t *testing.T) {
 	waitStored(t, tm, want)
 	waitNoDownloads(t, tm)
 	for _, d := range layerDigests(t, arm) {
-		if _, err := tm.store.Size(d); err == nil || up.requests(http.MethodGet, "/v2/library/multi/blobs/"+d.String()) != 0 {
+		if _, err := tm.store.Size(d); err == nil || up.CountPath(http.MethodGet, "/v2/library/multi/blobs/"+d.String()) != 0 {
 			t.Fatalf("the other platform's blob %s was fetched", d)
 		}
 	}
-	gets := up.blobGets()
+	gets := up.AnyBlobGETs()
 	if gets != len(want) {
 		t.Fatalf("%d upstream blob GETs for %d blobs", gets, len(want))
 	}
 	ad, _ := amd.Digest()
 	tm.pull(t, "library/multi@"+ad.String())
-	if n := up.blobGets(); n != gets {
+	if n := up.AnyBlobGETs(); n != gets {
 		t.Fatalf("the pull after eager fetching made %d more blob GETs", n-gets)
 	}
 
-	off := newMirror(t, map[string][]string{"docker.io": {up.srv.URL}}, func(o *Options) { o.EagerFetch = 0 })
-	before := up.blobGets()
+	off := newMirror(t, map[string][]string{"docker.io": {up.URL()}}, func(o *Options) { o.EagerFetch = 0 })
+	before := up.AnyBlobGETs()
 	off.get(t, http.MethodGet, "/v2/library/multi/manifests/"+ad.String())
 	time.Sleep(200 * time.Millisecond)
-	if n := up.blobGets(); n != before {
+	if n := up.AnyBlobGETs(); n != before {
 		t.Fatalf("eager fetching off, yet %d blobs fetched", n-before)
-	}
-}
-
-func pushIndex(t *testing.T, ref string, idx v1.ImageIndex) {
-	t.Helper()
-	r, err := name.ParseReference(ref, name.Insecure)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := remote.WriteIndex(r, idx); err != nil {
-		t.Fatalf("pushing %s: %v", ref, err)
 	}
 }

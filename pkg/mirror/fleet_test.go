@@ -20,6 +20,7 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/opencontainers/go-digest"
 
+	"github.com/node-mirror/node-mirror/internal/testenv"
 	"github.com/node-mirror/node-mirror/pkg/contentstore"
 	"github.com/node-mirror/node-mirror/pkg/fleet"
 	"github.com/node-mirror/node-mirror/pkg/upstream"
@@ -38,7 +39,7 @@ const testChunk = 256 << 10
 
 // startMember starts a mirror of up in a fleet with key, joining join (gossip addresses).
 // advertise, when set, wraps the peer address the others are told (a lying proxy).
-func startMember(t *testing.T, name string, up *fakeUpstream, key []byte, join []string, advertise func(real string) string) *member {
+func startMember(t *testing.T, name string, up *testenv.Upstream, key []byte, join []string, advertise func(real string) string) *member {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -61,7 +62,7 @@ func startMember(t *testing.T, name string, up *fakeUpstream, key []byte, join [
 	}
 	uo := testClient
 	uo.Logger = nopLogger()
-	c, err := upstream.New("docker.io", []string{up.srv.URL}, "", "", uo)
+	c, err := upstream.New("docker.io", []string{up.URL()}, "", "", uo)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -113,9 +114,9 @@ type upstreamBytes struct {
 	rate int64 // bytes a second per response
 }
 
-func (u *upstreamBytes) wrap(up *fakeUpstream) {
-	inner := up.fault
-	up.setHook(func(w http.ResponseWriter, r *http.Request) bool {
+func (u *upstreamBytes) wrap(up *testenv.Upstream) {
+	inner := up.Faults
+	up.SetHook(func(w http.ResponseWriter, r *http.Request) bool {
 		if !strings.Contains(r.URL.Path, "/blobs/") || r.Method != http.MethodGet {
 			return false
 		}
@@ -177,7 +178,7 @@ func imageBytes(t *testing.T, img v1.Image) int64 {
 func TestFleetPullsEachByteOnce(t *testing.T) {
 	up := newUpstream(t)
 	img := randomImage(t, 2<<20, 2)
-	up.push(t, "library/app", "v1", img)
+	up.Push("library/app", "v1", img)
 	ub := &upstreamBytes{rate: 4 << 20}
 	ub.wrap(up)
 	key := fleetKey(t)
@@ -200,7 +201,7 @@ func TestFleetPullsEachByteOnce(t *testing.T) {
 	size := imageBytes(t, img)
 	sent := ub.n.Load()
 	md, _ := img.Digest()
-	if n := up.requests(http.MethodGet, "/v2/library/app/manifests/v1") + up.requests(http.MethodGet, "/v2/library/app/manifests/"+md.String()); n != 1 {
+	if n := up.CountPath(http.MethodGet, "/v2/library/app/manifests/v1") + up.CountPath(http.MethodGet, "/v2/library/app/manifests/"+md.String()); n != 1 {
 		t.Errorf("4 members made %d manifest GETs upstream, want 1 (the owner's; tags are resolved with HEADs)", n)
 	}
 	t.Logf("4 members pulled a %d-byte image; upstream sent %d blob bytes (%.2fx)", size, sent, float64(sent)/float64(size))

@@ -87,8 +87,8 @@ func TestDiskFullPullsPassThrough(t *testing.T) {
 	dir := tinyFS(t, "4m")
 	up := newUpstream(t)
 	img := randomImage(t, 1<<20, 3)
-	up.push(t, "library/big", "v1", img)
-	tm := newMirrorAt(t, filepath.Join(dir, "data"), map[string][]string{"docker.io": {up.srv.URL}})
+	up.Push("library/big", "v1", img)
+	tm := newMirrorAt(t, filepath.Join(dir, "data"), map[string][]string{"docker.io": {up.URL()}})
 	if err := fill(dir, 300<<10); err != nil {
 		t.Fatal(err)
 	}
@@ -111,18 +111,18 @@ func TestDiskFullPullsPassThrough(t *testing.T) {
 	// Corrupt bytes passed through: cut before the end, never a complete 200.
 	ld, _ := layers[0].Digest()
 	url := tm.srv.URL + "/v2/library/big/blobs/" + ld.String()
-	up.fault.Set(fault.Rule{Kind: fault.FlipByte, Method: http.MethodGet, PathContains: ld.String()})
+	up.Faults.Set(fault.Rule{Kind: fault.FlipByte, Method: http.MethodGet, PathContains: ld.String()})
 	if status, _, clean := fetch(t, url); status == http.StatusOK && clean {
 		t.Fatal("a corrupt pass-through was served complete")
 	}
-	up.fault.Clear()
+	up.Faults.Clear()
 
 	// Unknown length (chunked): no room can be reserved; the write hits the full disk and
 	// the waiting client is passed through instead.
 	want := mustRead(t, layers[1])
 	l1, _ := layers[1].Digest()
 	chunked := "/v2/library/big/blobs/" + l1.String()
-	up.setHook(func(w http.ResponseWriter, r *http.Request) bool {
+	up.SetHook(func(w http.ResponseWriter, r *http.Request) bool {
 		if r.URL.Path != chunked || r.Method != http.MethodGet {
 			return false
 		}
@@ -145,7 +145,7 @@ func TestDiskFillsMidDownload(t *testing.T) {
 	dir := tinyFS(t, "4m")
 	up := newUpstream(t)
 	img := randomImage(t, 1<<20, 1)
-	up.push(t, "library/app", "v1", img)
+	up.Push("library/app", "v1", img)
 	layers, _ := img.Layers()
 	ld, _ := layers[0].Digest()
 	want := mustRead(t, layers[0])
@@ -154,7 +154,7 @@ func TestDiskFillsMidDownload(t *testing.T) {
 	filled := make(chan struct{})
 	var once sync.Once
 	var ranged atomic.Int32
-	up.setHook(func(w http.ResponseWriter, r *http.Request) bool {
+	up.SetHook(func(w http.ResponseWriter, r *http.Request) bool {
 		if r.URL.Path != path {
 			return false
 		}
@@ -172,7 +172,7 @@ func TestDiskFillsMidDownload(t *testing.T) {
 		w.Write(want[len(want)/2:])
 		return true
 	})
-	tm := newMirrorAt(t, filepath.Join(dir, "data"), map[string][]string{"docker.io": {up.srv.URL}},
+	tm := newMirrorAt(t, filepath.Join(dir, "data"), map[string][]string{"docker.io": {up.URL()}},
 		func(o *Options) { o.EagerFetch = -1 })
 	go func() {
 		defer close(filled)
@@ -237,7 +237,7 @@ func TestResumeOrphanedIngest(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			up := newUpstream(t)
 			img := randomImage(t, 512<<10, 1)
-			up.push(t, "library/app", "v1", img)
+			up.Push("library/app", "v1", img)
 			layers, _ := img.Layers()
 			ld, _ := layers[0].Digest()
 			d := digest.Digest(ld.String())
@@ -246,7 +246,7 @@ func TestResumeOrphanedIngest(t *testing.T) {
 
 			// A crash mid-download: the first part is on disk as an ingest.
 			dir := t.TempDir()
-			tm0 := newMirrorAt(t, dir, map[string][]string{"docker.io": {up.srv.URL}})
+			tm0 := newMirrorAt(t, dir, map[string][]string{"docker.io": {up.URL()}})
 			in, err := tm0.store.NewIngest(context.Background(), d, 0)
 			if err != nil {
 				t.Fatal(err)
@@ -262,14 +262,17 @@ func TestResumeOrphanedIngest(t *testing.T) {
 			tm0.Close()
 			tm0.store.Close()
 
-			var ranges []string
-			up.setHook(func(w http.ResponseWriter, r *http.Request) bool {
+			var (
+				mu     sync.Mutex
+				ranges []string
+			)
+			up.SetHook(func(w http.ResponseWriter, r *http.Request) bool {
 				if r.URL.Path != path {
 					return false
 				}
-				up.mu.Lock()
+				mu.Lock()
 				ranges = append(ranges, r.Header.Get("Range"))
-				up.mu.Unlock()
+				mu.Unlock()
 				if tc.ignoreRng && r.Header.Get("Range") != "" {
 					w.Header().Set("Content-Length", fmt.Sprint(len(want)))
 					w.Write(want)
@@ -277,7 +280,7 @@ func TestResumeOrphanedIngest(t *testing.T) {
 				}
 				return serveRange(w, r, want)
 			})
-			tm := newMirrorAt(t, dir, map[string][]string{"docker.io": {up.srv.URL}})
+			tm := newMirrorAt(t, dir, map[string][]string{"docker.io": {up.URL()}})
 			status, body, clean := fetch(t, tm.srv.URL+path)
 			ok := status == http.StatusOK && clean && bytes.Equal(body, want)
 			if status == http.StatusOK && clean && !bytes.Equal(body, want) {
@@ -286,9 +289,9 @@ func TestResumeOrphanedIngest(t *testing.T) {
 			if ok != tc.wantOK {
 				t.Fatalf("status %d clean %v equal %v, want success %v", status, clean, bytes.Equal(body, want), tc.wantOK)
 			}
-			up.mu.Lock()
+			mu.Lock()
 			seen := slices.Clone(ranges)
-			up.mu.Unlock()
+			mu.Unlock()
 			if !strings.HasPrefix(seen[0], fmt.Sprintf("bytes=%d-", 200<<10)) {
 				t.Fatalf("first upstream request had Range %q, want one from the ingest's end", seen[0])
 			}
@@ -324,7 +327,7 @@ func TestDiskFillsMidDownloadRangeIgnored(t *testing.T) {
 	filled := make(chan struct{})
 	var once sync.Once
 	var gets atomic.Int32
-	up.setHook(func(w http.ResponseWriter, r *http.Request) bool {
+	up.SetHook(func(w http.ResponseWriter, r *http.Request) bool {
 		if r.URL.Path != path || r.Method != http.MethodGet {
 			return false
 		}
@@ -340,7 +343,7 @@ func TestDiskFillsMidDownloadRangeIgnored(t *testing.T) {
 		w.Write(bad[len(bad)/2:])
 		return true
 	})
-	tm := newMirrorAt(t, filepath.Join(dir, "data"), map[string][]string{"docker.io": {up.srv.URL}},
+	tm := newMirrorAt(t, filepath.Join(dir, "data"), map[string][]string{"docker.io": {up.URL()}},
 		func(o *Options) { o.EagerFetch = -1 })
 	go func() {
 		defer close(filled)

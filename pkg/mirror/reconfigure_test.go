@@ -128,8 +128,8 @@ func TestReloadClosesOldConnections(t *testing.T) {
 // a reload changes the limit.
 func TestManifestLimitIsConfiguredAndReloaded(t *testing.T) {
 	up := newUpstream(t)
-	up.push(t, "library/app", "v1", randomImage(t, 1024, 3))
-	tm := newMirror(t, map[string][]string{"docker.io": {up.srv.URL}}, func(o *Options) { o.MaxManifestSize = 100 })
+	up.Push("library/app", "v1", randomImage(t, 1024, 3))
+	tm := newMirror(t, map[string][]string{"docker.io": {up.URL()}}, func(o *Options) { o.MaxManifestSize = 100 })
 	check := func(limit int64, wantOK bool) {
 		t.Helper()
 		resp, body := tm.get(t, http.MethodGet, "/v2/library/app/manifests/v1")
@@ -162,8 +162,8 @@ func TestManifestLimitIsConfiguredAndReloaded(t *testing.T) {
 func TestEagerFetchReloaded(t *testing.T) {
 	up := newUpstream(t)
 	img := randomImage(t, 8<<10, 3)
-	up.push(t, "library/app", "v1", img)
-	tm := newMirror(t, map[string][]string{"docker.io": {up.srv.URL}})
+	up.Push("library/app", "v1", img)
+	tm := newMirror(t, map[string][]string{"docker.io": {up.URL()}})
 	workers := func() int {
 		tm.eagerMu.Lock()
 		defer tm.eagerMu.Unlock()
@@ -188,7 +188,7 @@ func TestEagerFetchReloaded(t *testing.T) {
 	waitStored(t, tm, want)
 	waitNoDownloads(t, tm)
 	for _, d := range want {
-		if n := up.requests(http.MethodGet, "/v2/library/app/blobs/"+d.String()); n != 1 {
+		if n := up.CountPath(http.MethodGet, "/v2/library/app/blobs/"+d.String()); n != 1 {
 			t.Fatalf("%s fetched %d times", d, n)
 		}
 	}
