@@ -87,13 +87,10 @@ func TestBlobFaults(t *testing.T) {
 		name := string(tc.rule.Kind) + fmt.Sprint(tc.rule.Status, tc.rule.RetryAfter, tc.rule.Times)
 		t.Run(name, func(t *testing.T) {
 			up := newUpstream(t)
-			img := randomImage(t, 300<<10, 1)
-			up.Push("library/app", "v1", img)
-			layers, _ := img.Layers()
-			ld, _ := layers[0].Digest()
-			want := mustRead(t, layers[0])
+			_, layer := up.PushOneLayer("library/app", "v1", 300<<10)
+			want := layer.Bytes
 			tm := newMirrorWith(t, t.TempDir(), map[string][]string{"docker.io": {up.URL()}}, faultClient)
-			url := tm.srv.URL + "/v2/library/app/blobs/" + ld.String()
+			url := tm.srv.URL + layer.Path
 
 			up.Faults.RequireToken(tc.token)
 			rule := tc.rule

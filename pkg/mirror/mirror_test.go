@@ -214,15 +214,11 @@ func TestRoutingPrefixAndNamespace(t *testing.T) {
 
 func TestHeadManifestAndBlobHeaders(t *testing.T) {
 	up := newUpstream(t)
-	img := randomImage(t, 4096, 1)
-	up.Push("library/app", "v1", img)
+	img, layer := up.PushOneLayer("library/app", "v1", 4096)
 	tm := newMirror(t, map[string][]string{"docker.io": {up.URL()}})
-	raw, _ := img.RawManifest()
-	mt, _ := img.MediaType()
-	want, _ := img.Digest()
-	layers, _ := img.Layers()
-	ld, _ := layers[0].Digest()
-	lsize, _ := layers[0].Size()
+	raw, _ := img.Image.RawManifest()
+	mt, want := img.MediaType, img.Digest
+	ld, lsize := layer.Digest, len(layer.Bytes)
 
 	for _, tc := range []struct {
 		path, digest, ctype string
@@ -230,7 +226,7 @@ func TestHeadManifestAndBlobHeaders(t *testing.T) {
 	}{
 		{"/v2/library/app/manifests/v1", want.String(), string(mt), len(raw)},
 		{"/v2/library/app/manifests/" + want.String(), want.String(), string(mt), len(raw)},
-		{"/v2/library/app/blobs/" + ld.String(), ld.String(), blobContentType, int(lsize)}, // cold HEAD
+		{layer.Path, ld.String(), blobContentType, lsize}, // cold HEAD
 	} {
 		for _, round := range []string{"cold", "warm"} {
 			resp, body := tm.get(t, http.MethodHead, tc.path)
@@ -246,12 +242,8 @@ func TestHeadManifestAndBlobHeaders(t *testing.T) {
 
 func TestThunderingHerdFetchesOnce(t *testing.T) {
 	up := newUpstream(t)
-	img := randomImage(t, 8<<20, 1)
-	up.Push("library/big", "v1", img)
-	layers, _ := img.Layers()
-	ld, _ := layers[0].Digest()
-	want := mustRead(t, layers[0])
-	path := "/v2/library/big/blobs/" + ld.String()
+	_, layer := up.PushOneLayer("library/big", "v1", 8<<20)
+	want, path := layer.Bytes, layer.Path
 
 	// Slow the upstream body so every client arrives while the download is in flight.
 	up.ServeSlowly(path, want, 512<<10, 20*time.Millisecond, false)
@@ -292,12 +284,8 @@ func TestThunderingHerdFetchesOnce(t *testing.T) {
 
 func TestClientsStreamBeforeDownloadCompletes(t *testing.T) {
 	up := newUpstream(t)
-	img := randomImage(t, 1<<20, 1)
-	up.Push("library/slow", "v1", img)
-	layers, _ := img.Layers()
-	ld, _ := layers[0].Digest()
-	want := mustRead(t, layers[0])
-	path := "/v2/library/slow/blobs/" + ld.String()
+	_, layer := up.PushOneLayer("library/slow", "v1", 1<<20)
+	want, path := layer.Bytes, layer.Path
 	release := make(chan struct{})
 	up.SetHook(func(w http.ResponseWriter, r *http.Request) bool {
 		if r.Method != http.MethodGet || r.URL.Path != path {
@@ -333,12 +321,8 @@ func TestClientsStreamBeforeDownloadCompletes(t *testing.T) {
 
 func TestDownloadCompletesAfterClientLeaves(t *testing.T) {
 	up := newUpstream(t)
-	img := randomImage(t, 2<<20, 1)
-	up.Push("library/app", "v1", img)
-	layers, _ := img.Layers()
-	ld, _ := layers[0].Digest()
-	want := mustRead(t, layers[0])
-	path := "/v2/library/app/blobs/" + ld.String()
+	_, layer := up.PushOneLayer("library/app", "v1", 2<<20)
+	d, want, path := layer.Digest, layer.Bytes, layer.Path
 	up.ServeSlowly(path, want, 256<<10, 10*time.Millisecond, false)
 	tm := newMirror(t, map[string][]string{"docker.io": {up.URL()}})
 	ctx, cancel := context.WithCancel(context.Background())
@@ -351,7 +335,6 @@ func TestDownloadCompletesAfterClientLeaves(t *testing.T) {
 	cancel() // the only client goes away mid-download
 	resp.Body.Close()
 
-	d := digest.Digest(ld.String())
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		if _, err := tm.store.Size(d); err == nil {
@@ -370,13 +353,9 @@ func TestDownloadCompletesAfterClientLeaves(t *testing.T) {
 
 func TestRangeOnCachedBlob(t *testing.T) {
 	up := newUpstream(t)
-	img := randomImage(t, 100<<10, 1)
-	up.Push("library/app", "v1", img)
-	layers, _ := img.Layers()
-	ld, _ := layers[0].Digest()
-	want := mustRead(t, layers[0])
+	_, layer := up.PushOneLayer("library/app", "v1", 100<<10)
+	want, path := layer.Bytes, layer.Path
 	tm := newMirror(t, map[string][]string{"docker.io": {up.URL()}})
-	path := "/v2/library/app/blobs/" + ld.String()
 
 	for _, round := range []string{"cold", "warm"} {
 		resp, body := tm.get(t, http.MethodGet, path, "Range", "bytes=1000-1999")
@@ -431,12 +410,8 @@ func TestBadUpstreamBytesNeverServedComplete(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			up := newUpstream(t)
-			img := randomImage(t, 256<<10, 1)
-			up.Push("library/app", "v1", img)
-			layers, _ := img.Layers()
-			ld, _ := layers[0].Digest()
-			blob := mustRead(t, layers[0])
-			path := "/v2/library/app/blobs/" + ld.String()
+			_, layer := up.PushOneLayer("library/app", "v1", 256<<10)
+			ld, blob, path := layer.Digest, layer.Bytes, layer.Path
 			var faulty atomic.Bool
 			faulty.Store(true)
 			up.SetHook(func(w http.ResponseWriter, r *http.Request) bool {
@@ -457,7 +432,7 @@ func TestBadUpstreamBytesNeverServedComplete(t *testing.T) {
 				}
 			}
 			waitNoDownloads(t, tm)
-			if _, err := tm.store.Size(digest.Digest(ld.String())); err == nil {
+			if _, err := tm.store.Size(ld); err == nil {
 				t.Fatal("bad bytes were committed")
 			}
 			if ds, _ := tm.store.Digests(context.Background()); len(ds) != 0 {

@@ -49,13 +49,11 @@ func flipped(b []byte, i int) []byte {
 // manifest content type.
 func TestManifestByDigestOfALayer(t *testing.T) {
 	up := newUpstream(t)
-	img := randomImage(t, 1<<20, 1)
-	up.Push("library/app", "v1", img)
+	img, layer := up.PushOneLayer("library/app", "v1", 1<<20)
 	tm := newMirror(t, map[string][]string{"docker.io": {up.URL()}})
 	tm.pull(t, "library/app:v1")
-	layers, _ := img.Layers()
-	ld, _ := layers[0].Digest()
-	if _, err := tm.store.Size(digest.Digest(ld.String())); err != nil {
+	ld := layer.Digest
+	if _, err := tm.store.Size(ld); err != nil {
 		t.Fatalf("layer not cached: %v", err)
 	}
 	for _, method := range []string{http.MethodGet, http.MethodHead} {
@@ -65,8 +63,7 @@ func TestManifestByDigestOfALayer(t *testing.T) {
 		}
 	}
 	// The image's own manifest is still served from cache.
-	md, _ := img.Digest()
-	if resp, _ := tm.get(t, http.MethodGet, "/v2/library/app/manifests/"+md.String()); resp.StatusCode != http.StatusOK {
+	if resp, _ := tm.get(t, http.MethodGet, "/v2/library/app/manifests/"+img.Digest.String()); resp.StatusCode != http.StatusOK {
 		t.Fatalf("manifest by digest: %d", resp.StatusCode)
 	}
 }
