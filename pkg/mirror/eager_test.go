@@ -2,6 +2,7 @@ package mirror
 
 import (
 	"net/http"
+	"net/http/httptest"
 	"testing"
 	"time"
 
@@ -74,11 +75,49 @@ func TestEagerLayerFetch(t *testing.T) {
 		t.Fatalf("the pull after eager fetching made %d more blob GETs", n-gets)
 	}
 
+	// Turned off, the image manifest's request starts nothing. Proven without waiting:
+	// eagerFrom runs inside ServeHTTP, so when ServeHTTP has returned, whatever it started
+	// is a queued job or a download in flight; and with no worker running, a queued job
+	// stays queued. The positive control makes the same request with eager fetching on,
+	// and it does fetch the image's blobs.
+	manifest := "/v2/library/multi/manifests/" + ad.String()
+	on := newMirror(t, map[string][]string{"docker.io": {up.URL()}}, func(o *Options) { o.EagerFetch = 4 })
+	serveDirect(t, on, manifest)
+	waitStored(t, on, want)
+	waitNoDownloads(t, on)
+
 	off := newMirror(t, map[string][]string{"docker.io": {up.URL()}}, func(o *Options) { o.EagerFetch = 0 })
 	before := up.AnyBlobGETs()
-	off.get(t, http.MethodGet, "/v2/library/multi/manifests/"+ad.String())
-	time.Sleep(200 * time.Millisecond)
+	serveDirect(t, off, manifest)
+	off.eagerMu.Lock()
+	workers := len(off.eagerStops)
+	off.eagerMu.Unlock()
+	if workers != 0 || off.eagerOn.Load() {
+		t.Fatalf("eager fetching off, yet %d workers run (on: %v)", workers, off.eagerOn.Load())
+	}
+	if n := len(off.eager); n != 0 {
+		t.Fatalf("eager fetching off, yet the manifest request queued %d jobs", n)
+	}
+	if n := off.Stats().Downloads; n != 0 {
+		t.Fatalf("eager fetching off, yet the manifest request started %d downloads", n)
+	}
 	if n := up.AnyBlobGETs(); n != before {
 		t.Fatalf("eager fetching off, yet %d blobs fetched", n-before)
+	}
+	for _, d := range want {
+		if _, err := off.store.Size(d); err == nil {
+			t.Fatalf("eager fetching off, yet %s is stored", d)
+		}
+	}
+}
+
+// serveDirect GETs path from the mirror's handler itself, not over a connection, so that
+// when it returns, the handler has returned too.
+func serveDirect(t *testing.T, tm *testMirror, path string) {
+	t.Helper()
+	rec := httptest.NewRecorder()
+	tm.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, path, nil))
+	if rec.Code != http.StatusOK {
+		t.Fatalf("GET %s: %d %s", path, rec.Code, rec.Body)
 	}
 }
