@@ -39,7 +39,8 @@ const testChunk = 256 << 10
 
 // startMember starts a mirror of up in a fleet with key, joining join (gossip addresses).
 // advertise, when set, wraps the peer address the others are told (a lying proxy).
-func startMember(t *testing.T, name string, up *testenv.Upstream, key []byte, join []string, advertise func(real string) string) *member {
+// More options change the fleet's configuration.
+func startMember(t *testing.T, name string, up *testenv.Upstream, key []byte, join []string, advertise func(real string) string, more ...func(*fleet.Config)) *member {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -49,10 +50,14 @@ func startMember(t *testing.T, name string, up *testenv.Upstream, key []byte, jo
 	if advertise != nil {
 		adv = advertise(adv)
 	}
-	f, err := fleet.Start(context.Background(), fleet.Config{
+	cfg := fleet.Config{
 		NodeName: name, GossipListen: "127.0.0.1:0", PeerAdvertise: adv, Join: join, Key: key,
 		Logger: nopLogger(), DialTimeout: time.Second, HeaderTimeout: 10 * time.Second, IdleTimeout: 10 * time.Second,
-	})
+	}
+	for _, f := range more {
+		f(&cfg)
+	}
+	f, err := fleet.Start(context.Background(), cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -309,12 +314,30 @@ func flippingProxy(t *testing.T) func(string) string {
 func TestFleetMemberWithAnotherKey(t *testing.T) {
 	up := newUpstream(t)
 	a := startMember(t, "a", up, fleetKey(t), nil, nil)
-	b := startMember(t, "b", up, fleetKey(t), []string{a.fleet.GossipAddr()}, nil)
-	time.Sleep(2 * time.Second) // joining is retried in the background; give it the chance to fail
-	for _, m := range a.fleet.Members() {
-		if m.Name == "b" {
-			t.Fatal("a member with another key was admitted")
+	bLog := &logCount{n: map[string]int{}}
+	b := startMember(t, "b", up, fleetKey(t), []string{a.fleet.GossipAddr()}, nil,
+		func(c *fleet.Config) { c.Logger = slog.New(bLog) })
+	// b retries joining in the background. Judge once it has tried, and failed, twice:
+	// each attempt is a whole exchange with a, so a has seen b's key by then.
+	const failed = "fleet: no member to join yet; retrying"
+	admitted := func() bool {
+		for _, m := range a.fleet.Members() {
+			if m.Name == "b" {
+				return true
+			}
 		}
+		return false
+	}
+	for deadline := time.Now().Add(30 * time.Second); bLog.count(failed) < 2 && !admitted(); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("b logged %d failed joins within 30s, want 2", bLog.count(failed))
+		}
+	}
+	if admitted() {
+		t.Fatal("a member with another key was admitted")
+	}
+	if ms := b.fleet.Members(); len(ms) != 1 || ms[0].Name != "b" {
+		t.Fatalf("b, with another key, sees %v", ms)
 	}
 	blob := []byte("secret layer")
 	d := digest.FromBytes(blob)
@@ -349,4 +372,27 @@ func testLogger() *slog.Logger {
 		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
 	return nopLogger()
+}
+
+// logCount is a slog handler that counts records by message, at every level.
+type logCount struct {
+	mu sync.Mutex
+	n  map[string]int
+}
+
+func (l *logCount) Enabled(context.Context, slog.Level) bool { return true }
+func (l *logCount) WithAttrs([]slog.Attr) slog.Handler       { return l }
+func (l *logCount) WithGroup(string) slog.Handler            { return l }
+
+func (l *logCount) Handle(_ context.Context, r slog.Record) error {
+	l.mu.Lock()
+	l.n[r.Message]++
+	l.mu.Unlock()
+	return nil
+}
+
+func (l *logCount) count(msg string) int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.n[msg]
 }
