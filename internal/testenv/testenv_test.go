@@ -5,7 +5,9 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/http/httptest"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -236,5 +238,93 @@ func TestServeSlowly(t *testing.T) {
 				t.Fatalf("Content-Length %d with chunked %v; %d GETs", resp.ContentLength, chunked, gets.Load())
 			}
 		})
+	}
+}
+
+// The upstream answers ranges as http.ServeContent does over the same bytes, whether it
+// streams a single range from the registry's store or answers from a copy of the blob.
+func TestUpstreamRangesAsServeContent(t *testing.T) {
+	for _, disk := range []bool{false, true} {
+		t.Run(fmt.Sprint("disk=", disk), func(t *testing.T) {
+			var opts []UpstreamOption
+			if disk {
+				opts = append(opts, WithDiskBlobs())
+			}
+			up := NewUpstream(t, opts...)
+			_, layer := up.PushOneLayer("library/a", "v1", 10000)
+			size := len(layer.Bytes)
+			for _, rng := range []string{
+				"bytes=0-0", "bytes=0-99", "bytes=100-", "bytes=0-", "bytes=-100", "bytes=-0",
+				fmt.Sprintf("bytes=%d-", size-1), fmt.Sprintf("bytes=%d-", size), fmt.Sprintf("bytes=%d-%d", size-10, size+1000),
+				fmt.Sprintf("bytes=-%d", size+5), "bytes=10-5", "bytes=0-1,5-6", "bytes=x-y", "chars=0-1", "bytes=5",
+			} {
+				ref := httptest.NewRecorder()
+				req := httptest.NewRequest(http.MethodGet, "/", nil)
+				req.Header.Set("Range", rng)
+				http.ServeContent(ref, req, "", time.Time{}, bytes.NewReader(layer.Bytes))
+
+				req, _ = http.NewRequest(http.MethodGet, up.URL()+layer.Path, nil)
+				req.Header.Set("Range", rng)
+				resp, err := http.DefaultClient.Do(req)
+				if err != nil {
+					t.Fatal(err)
+				}
+				body, err := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				if err != nil {
+					t.Fatal(err)
+				}
+				if resp.StatusCode != ref.Code || resp.Header.Get("Content-Range") != ref.Header().Get("Content-Range") {
+					t.Errorf("%s: %d %q, ServeContent answers %d %q", rng, resp.StatusCode, resp.Header.Get("Content-Range"), ref.Code, ref.Header().Get("Content-Range"))
+					continue
+				}
+				if strings.HasPrefix(ref.Header().Get("Content-Type"), "multipart/") {
+					// Bodies differ by their random boundaries.
+					if !strings.HasPrefix(resp.Header.Get("Content-Type"), "multipart/byteranges") {
+						t.Errorf("%s: Content-Type %q", rng, resp.Header.Get("Content-Type"))
+					}
+					continue
+				}
+				if resp.StatusCode/100 == 2 && !bytes.Equal(body, ref.Body.Bytes()) {
+					t.Errorf("%s: %d bytes, ServeContent sends %d, or others", rng, len(body), ref.Body.Len())
+				}
+			}
+		})
+	}
+}
+
+// A single satisfiable range becomes the closed range the registry streams itself; the
+// rest are left to http.ServeContent over a copy of the blob.
+func TestClosedRange(t *testing.T) {
+	up := NewUpstream(t)
+	_, layer := up.PushOneLayer("library/a", "v1", 4096)
+	size := int64(len(layer.Bytes))
+	for _, tc := range []struct {
+		rng        string
+		start, end int64
+		ok         bool
+	}{
+		{"bytes=0-99", 0, 99, true},
+		{"bytes=100-", 100, size - 1, true},
+		{"bytes=10-99999999", 10, size - 1, true},
+		{"bytes=-100", size - 100, size - 1, true},
+		{"bytes=-99999999", 0, size - 1, true},
+		{"bytes= 5-6", 5, 6, true},
+		{fmt.Sprintf("bytes=%d-", size), 0, 0, false},
+		{"bytes=-0", 0, 0, false},
+		{"bytes=9-5", 0, 0, false},
+		{"bytes=0-1,5-6", 0, 0, false},
+		{"bytes=5", 0, 0, false},
+		{"items=0-5", 0, 0, false},
+	} {
+		r := httptest.NewRequest(http.MethodGet, layer.Path, nil)
+		start, end, ok := closedRange(up.handler, r, tc.rng)
+		if start != tc.start || end != tc.end || ok != tc.ok {
+			t.Errorf("%s: %d-%d %v, want %d-%d %v", tc.rng, start, end, ok, tc.start, tc.end, tc.ok)
+		}
+	}
+	r := httptest.NewRequest(http.MethodGet, "/v2/library/a/blobs/sha256:"+strings.Repeat("0", 64), nil)
+	if _, _, ok := closedRange(up.handler, r, "bytes=0-1"); ok {
+		t.Error("a range of a blob the registry does not have was rewritten")
 	}
 }
