@@ -198,8 +198,10 @@ func TestCachedServedWhileUpstreamStalls(t *testing.T) {
 		defer close(stuck)
 		fetch(t, tm.srv.URL+"/v2/library/cold/blobs/"+cd.String())
 	}()
-	for up.Faults.Fired(fault.StallBeforeHeaders) == 0 {
-		time.Sleep(5 * time.Millisecond)
+	for deadline := time.Now().Add(30 * time.Second); up.Faults.Fired(fault.StallBeforeHeaders) == 0; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the cold request never reached the stalling upstream")
+		}
 	}
 	for i := 0; i < 5; i++ {
 		tm.pull(t, "library/cached:v1")
