@@ -791,20 +791,6 @@ func TestBaseEndpoint(t *testing.T) {
 	}
 }
 
-func mustRead(t *testing.T, l v1.Layer) []byte {
-	t.Helper()
-	rc, err := l.Compressed()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer rc.Close()
-	b, err := io.ReadAll(rc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b
-}
-
 // hangUp is an endpoint that is down: it accepts and closes every connection, calling
 // accepted for each. The test holds it open, so no other process can take its port.
 func hangUp(t *testing.T, accepted func()) string {
