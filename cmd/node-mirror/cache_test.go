@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
-	"log"
 	"log/slog"
 	"net/http/httptest"
 	"os"
@@ -17,7 +16,6 @@ import (
 	"testing"
 
 	"github.com/google/go-containerregistry/pkg/name"
-	"github.com/google/go-containerregistry/pkg/registry"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/empty"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
@@ -27,6 +25,7 @@ import (
 	"github.com/opencontainers/go-digest"
 	"github.com/urfave/cli/v2"
 
+	"github.com/node-mirror/node-mirror/internal/testenv"
 	"github.com/node-mirror/node-mirror/pkg/admin"
 	"github.com/node-mirror/node-mirror/pkg/contentstore"
 	"github.com/node-mirror/node-mirror/pkg/mirror"
@@ -143,15 +142,14 @@ func TestGCOfflineDryRunThenGC(t *testing.T) {
 // daemon is a mirror with the admin API behind the real server handler.
 type testDaemon struct {
 	url   string
-	up    *httptest.Server
+	up    *testenv.Upstream
 	store *contentstore.Store
 	dir   string
 }
 
 func startDaemon(t *testing.T, budget contentstore.Budget) *testDaemon {
 	t.Helper()
-	up := httptest.NewServer(registry.New(registry.Logger(log.New(io.Discard, "", 0))))
-	t.Cleanup(up.Close)
+	up := testenv.NewUpstream(t)
 	dir := t.TempDir()
 	store, err := contentstore.Open(dir)
 	if err != nil {
@@ -159,7 +157,7 @@ func startDaemon(t *testing.T, budget contentstore.Budget) *testDaemon {
 	}
 	t.Cleanup(func() { store.Close() })
 	store.SetBudget(budget)
-	cl, err := upstream.New("docker.io", []string{up.URL}, "", "", upstream.Options{})
+	cl, err := upstream.New("docker.io", []string{up.URL()}, "", "", upstream.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -212,10 +210,7 @@ func TestPrefetchThenUpstreamGone(t *testing.T) {
 		mutate.IndexAddendum{Add: amd, Descriptor: v1.Descriptor{Platform: &v1.Platform{OS: "linux", Architecture: "amd64"}}},
 		mutate.IndexAddendum{Add: arm, Descriptor: v1.Descriptor{Platform: &v1.Platform{OS: "linux", Architecture: "arm64"}}},
 	)
-	ref, _ := name.ParseReference(strings.TrimPrefix(d.up.URL, "http://")+"/library/app:v1", name.Insecure)
-	if err := remote.WriteIndex(ref, idx); err != nil {
-		t.Fatal(err)
-	}
+	d.up.PushIndex("library/app", "v1", idx)
 	list := filepath.Join(t.TempDir(), "images")
 	os.WriteFile(list, []byte("# warm these\ndocker.io/library/app:v1\n"), 0o644)
 
@@ -232,7 +227,7 @@ func TestPrefetchThenUpstreamGone(t *testing.T) {
 		t.Fatal("the other platform was prefetched")
 	}
 
-	d.up.Close()
+	d.up.Stop()
 	ad, _ := arm.Digest()
 	mref, _ := name.ParseReference(strings.TrimPrefix(d.url, "http://")+"/library/app@"+ad.String(), name.Insecure)
 	img, err := remote.Image(mref)
@@ -254,11 +249,7 @@ func quiet() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)
 // as --max-size 1) serves every blob by pass-through; prefetch must exit 1 and say so.
 func TestPrefetchExitsNonZeroOnPassThrough(t *testing.T) {
 	d := startDaemon(t, contentstore.Budget{MaxBytes: 1})
-	img, _ := random.Image(16<<10, 2)
-	ref, _ := name.ParseReference(strings.TrimPrefix(d.up.URL, "http://")+"/library/app:v1", name.Insecure)
-	if err := remote.Write(ref, img); err != nil {
-		t.Fatal(err)
-	}
+	d.up.PushRandomImage("library/app", "v1", 2, 16<<10)
 	out, err := run(t, "prefetch", "--mirror-url", d.url, "library/app:v1")
 	var ec cli.ExitCoder
 	if !errors.As(err, &ec) || ec.ExitCode() != 1 || !strings.Contains(err.Error(), "not stored") {

@@ -13,12 +13,10 @@ import (
 	"encoding/pem"
 	"errors"
 	"io"
-	"log"
 	"log/slog"
 	"math/big"
 	"net"
 	"net/http"
-	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -27,11 +25,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/google/go-containerregistry/pkg/name"
-	"github.com/google/go-containerregistry/pkg/registry"
-	"github.com/google/go-containerregistry/pkg/v1/random"
-	"github.com/google/go-containerregistry/pkg/v1/remote"
-
+	"github.com/node-mirror/node-mirror/internal/testenv"
 	"github.com/node-mirror/node-mirror/internal/wire"
 	"github.com/node-mirror/node-mirror/pkg/config"
 	"github.com/node-mirror/node-mirror/pkg/contentstore"
@@ -76,21 +70,16 @@ func testConfig(t *testing.T, upstreamURL string) config.Config {
 	return c
 }
 
+// newUpstream starts a registry holding a small random image under each repo:tag in
+// repos, and returns its URL.
 func newUpstream(t *testing.T, repos ...string) string {
 	t.Helper()
-	up := httptest.NewServer(registry.New(registry.Logger(log.New(io.Discard, "", 0))))
-	t.Cleanup(up.Close)
-	for _, repo := range repos {
-		img, err := random.Image(1024, 3)
-		if err != nil {
-			t.Fatal(err)
-		}
-		ref, _ := name.ParseReference(strings.TrimPrefix(up.URL, "http://")+"/"+repo, name.Insecure)
-		if err := remote.Write(ref, img); err != nil {
-			t.Fatal(err)
-		}
+	up := testenv.NewUpstream(t)
+	for _, repoTag := range repos {
+		repo, tag, _ := strings.Cut(repoTag, ":")
+		up.PushRandomImage(repo, tag, 3, 1024)
 	}
-	return up.URL
+	return up.URL()
 }
 
 // reloads reads node_mirror_config_reloads_total{result} from a /metrics answer.

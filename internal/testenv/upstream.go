@@ -15,8 +15,10 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -30,10 +32,13 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/static"
 	"github.com/google/go-containerregistry/pkg/v1/types"
+	"github.com/opencontainers/go-digest"
+
+	"github.com/node-mirror/node-mirror/internal/fault"
 )
 
 // seedHeader marks the requests the push helpers make, so the request log holds only what
-// the code under test asked for.
+// the code under test asked for, and hooks and faults meant for it leave the pushes alone.
 const seedHeader = "X-Testenv-Seed"
 
 // Request is one request the upstream received.
@@ -44,32 +49,59 @@ type Request struct {
 	Status int // 0 while the handler still runs
 	// UserAgent tells who asked: the mirror, or an engine that bypassed it.
 	UserAgent string
+	// Range is the request's Range header: a ranged fetch asks for its chunks with it.
+	Range string
 }
+
+// Hook may answer a request of the code under test itself, returning true; returning false
+// passes the request on to Faults and the registry. It runs after the request was logged.
+type Hook func(w http.ResponseWriter, r *http.Request) bool
 
 // Upstream is a registry (go-containerregistry's pkg/registry) on a loopback port that keeps
 // its address and its content across Stop and Start, so a mirror configured with its URL
 // sees it go down and come back.
+//
+// A request of the code under test is logged, then offered to the hook (SetHook), then
+// passes Faults, then the middleware (WithMiddleware), then RFCRanges and the registry.
+// The push helpers' requests skip the log, the hook and Faults.
 type Upstream struct {
+	// Faults misbehaves on request (internal/fault); without rules it passes everything.
+	// Its stalls end when the test does, before the server closes.
+	Faults *fault.Injector
+
 	t       testing.TB
-	handler http.Handler
+	handler http.Handler // the middleware, RFCRanges and the registry
 	addr    string
+	// push carries the push helpers' requests; Stop closes its idle connections, so they
+	// do not show up among the connections the code under test holds open.
+	push *http.Transport
 
 	mu   sync.Mutex
 	srv  *httptest.Server
 	reqs []Request
+	hook Hook
+	open int // connections accepted and not yet closed
 }
 
 // UpstreamOption configures NewUpstream.
 type UpstreamOption func(*upstreamConfig)
 
 type upstreamConfig struct {
-	wrap func(http.Handler) http.Handler
+	wrap      func(http.Handler) http.Handler
+	diskBlobs bool
 }
 
-// WithMiddleware puts wrap in front of the registry (inside the request log), for example
-// internal/fault's Injector.
+// WithMiddleware puts wrap in front of the registry (inside the request log and Faults),
+// where the push helpers' requests pass it too.
 func WithMiddleware(wrap func(http.Handler) http.Handler) UpstreamOption {
 	return func(c *upstreamConfig) { c.wrap = wrap }
+}
+
+// WithDiskBlobs keeps the registry's blobs in files below a t.TempDir() instead of in
+// memory, so a test that measures its own process's heap measures the code under test,
+// not the upstream's growing store.
+func WithDiskBlobs() UpstreamOption {
+	return func(c *upstreamConfig) { c.diskBlobs = true }
 }
 
 // NewUpstream starts an upstream registry with the referrers API enabled. It is closed when
@@ -80,16 +112,18 @@ func NewUpstream(t testing.TB, opts ...UpstreamOption) *Upstream {
 	for _, o := range opts {
 		o(&cfg)
 	}
-	var h http.Handler = RFCRanges(registry.New(
-		registry.Logger(log.New(io.Discard, "", 0)),
-		registry.WithReferrersSupport(true),
-	))
+	ropts := []registry.Option{registry.Logger(log.New(io.Discard, "", 0)), registry.WithReferrersSupport(true)}
+	if cfg.diskBlobs {
+		ropts = append(ropts, registry.WithBlobHandler(registry.NewDiskBlobHandler(t.TempDir())))
+	}
+	var h http.Handler = RFCRanges(registry.New(ropts...))
 	if cfg.wrap != nil {
 		h = cfg.wrap(h)
 	}
-	u := &Upstream{t: t, handler: h, addr: "127.0.0.1:0"}
+	u := &Upstream{t: t, handler: h, Faults: fault.New(h), addr: "127.0.0.1:0", push: &http.Transport{}}
 	u.Start()
 	t.Cleanup(u.Stop)
+	t.Cleanup(u.Faults.Close) // first: stalled handlers return, so the server can close
 	return u
 }
 
@@ -118,6 +152,7 @@ func (u *Upstream) Start() {
 	srv := httptest.NewUnstartedServer(http.HandlerFunc(u.serve))
 	srv.Listener.Close()
 	srv.Listener = ln
+	srv.Config.ConnState = u.connState
 	srv.Start()
 	u.srv = srv
 	u.addr = ln.Addr().String()
@@ -130,11 +165,38 @@ func (u *Upstream) Stop() {
 	srv := u.srv
 	u.srv = nil
 	u.mu.Unlock()
+	u.push.CloseIdleConnections()
 	if srv == nil {
 		return
 	}
 	srv.CloseClientConnections()
 	srv.Close()
+}
+
+func (u *Upstream) connState(_ net.Conn, s http.ConnState) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	switch s {
+	case http.StateNew:
+		u.open++
+	case http.StateClosed, http.StateHijacked:
+		u.open--
+	}
+}
+
+// OpenConns is how many connections to the upstream are open now, idle ones included.
+// The push helpers close theirs when they are done.
+func (u *Upstream) OpenConns() int {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return u.open
+}
+
+// SetHook makes h see every request of the code under test first; nil removes it.
+func (u *Upstream) SetHook(h Hook) {
+	u.mu.Lock()
+	u.hook = h
+	u.mu.Unlock()
 }
 
 // listenRetry binds addr, retrying for a while: a port just released by Stop can be briefly
@@ -157,13 +219,22 @@ func (u *Upstream) serve(w http.ResponseWriter, r *http.Request) {
 	}
 	u.mu.Lock()
 	i := len(u.reqs)
-	u.reqs = append(u.reqs, Request{Method: r.Method, Path: r.URL.Path, Query: r.URL.RawQuery, UserAgent: r.UserAgent()})
+	u.reqs = append(u.reqs, Request{
+		Method: r.Method, Path: r.URL.Path, Query: r.URL.RawQuery, UserAgent: r.UserAgent(), Range: r.Header.Get("Range"),
+	})
+	hook := u.hook
 	u.mu.Unlock()
 	sw := &statusWriter{ResponseWriter: w}
-	u.handler.ServeHTTP(sw, r)
-	u.mu.Lock()
-	u.reqs[i].Status = sw.status()
-	u.mu.Unlock()
+	defer func() {
+		// Also when a hook or a fault aborts the response with a panic.
+		u.mu.Lock()
+		u.reqs[i].Status = sw.status()
+		u.mu.Unlock()
+	}()
+	if hook != nil && hook(sw, r) {
+		return
+	}
+	u.Faults.ServeHTTP(sw, r)
 }
 
 type statusWriter struct {
@@ -186,6 +257,14 @@ func (w *statusWriter) Write(b []byte) (int, error) {
 }
 
 func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+// Flush lets hooks flush with a type assertion, as handlers commonly do.
+func (w *statusWriter) Flush() {
+	if w.code == 0 {
+		w.code = http.StatusOK
+	}
+	http.NewResponseController(w.ResponseWriter).Flush()
+}
 
 func (w *statusWriter) status() int {
 	if w.code == 0 {
@@ -219,9 +298,43 @@ func (u *Upstream) Count(method, suffix string) int {
 	return n
 }
 
+// CountPath is how many requests with method (any when empty) had exactly path.
+func (u *Upstream) CountPath(method, path string) int {
+	n := 0
+	for _, r := range u.Requests() {
+		if (method == "" || r.Method == method) && r.Path == path {
+			n++
+		}
+	}
+	return n
+}
+
 // BlobGETs is how many times a blob was downloaded (GET, not HEAD) from any repository.
 func (u *Upstream) BlobGETs(d v1.Hash) int {
 	return u.Count(http.MethodGet, "/blobs/"+d.String())
+}
+
+// AnyBlobGETs is how many GETs of any blob there were.
+func (u *Upstream) AnyBlobGETs() int {
+	n := 0
+	for _, r := range u.Requests() {
+		if r.Method == http.MethodGet && strings.Contains(r.Path, "/blobs/") {
+			n++
+		}
+	}
+	return n
+}
+
+// BlobRanges are the Range headers of the GETs of blob d, in order ("" for a GET of the
+// whole blob).
+func (u *Upstream) BlobRanges(d v1.Hash) []string {
+	var out []string
+	for _, r := range u.Requests() {
+		if r.Method == http.MethodGet && strings.HasSuffix(r.Path, "/blobs/"+d.String()) {
+			out = append(out, r.Range)
+		}
+	}
+	return out
 }
 
 // RequestLog is the request log as text, one request a line, for failure messages.
@@ -232,7 +345,11 @@ func (u *Upstream) RequestLog() string {
 		if r.Query != "" {
 			q = "?" + r.Query
 		}
-		fmt.Fprintf(&b, "%s %s%s -> %d\n", r.Method, r.Path, q, r.Status)
+		rng := ""
+		if r.Range != "" {
+			rng = " Range: " + r.Range
+		}
+		fmt.Fprintf(&b, "%s %s%s%s -> %d\n", r.Method, r.Path, q, rng, r.Status)
 	}
 	return b.String()
 }
@@ -248,9 +365,9 @@ func (u *Upstream) Ref(repoAndRef string) name.Reference {
 }
 
 // RemoteOptions are the go-containerregistry options that push to this upstream without
-// the requests showing in the request log.
+// the requests showing in the request log or meeting the hook and Faults.
 func (u *Upstream) RemoteOptions() []remote.Option {
-	return []remote.Option{remote.WithTransport(seedTransport{http.DefaultTransport})}
+	return []remote.Option{remote.WithTransport(seedTransport{u.push})}
 }
 
 type seedTransport struct{ next http.RoundTripper }
@@ -306,6 +423,7 @@ func (x Index) PlatformDigests(platform string) []v1.Hash {
 // Push writes img to repo:tag.
 func (u *Upstream) Push(repo, tag string, img v1.Image) Image {
 	u.t.Helper()
+	defer u.push.CloseIdleConnections()
 	if err := remote.Write(u.Ref(repo+":"+tag), img, u.RemoteOptions()...); err != nil {
 		u.t.Fatalf("upstream: push %s:%s: %v", repo, tag, err)
 	}
@@ -330,6 +448,7 @@ func (u *Upstream) PushRandomImage(repo, tag string, layers int, size int64) Ima
 // mutate.AppendManifests adds, and which skopeo 1.9 cannot copy unchanged).
 func (u *Upstream) PushRandomIndex(repo, tag string, layers int, size int64, platforms ...string) Index {
 	u.t.Helper()
+	defer u.push.CloseIdleConnections()
 	if len(platforms) == 0 {
 		platforms = []string{"linux/amd64", "linux/arm64"}
 	}
@@ -366,6 +485,7 @@ func (u *Upstream) PushRandomIndex(repo, tag string, layers int, size int64, pla
 // tag or the manifest's digest).
 func (u *Upstream) PushManifest(repo, ref string, mediaType types.MediaType, body []byte) {
 	u.t.Helper()
+	defer u.push.CloseIdleConnections()
 	sep := ":"
 	if strings.Contains(ref, ":") {
 		sep = "@"
@@ -378,6 +498,7 @@ func (u *Upstream) PushManifest(repo, ref string, mediaType types.MediaType, bod
 // PushBlob uploads data as a blob to repo and returns its digest.
 func (u *Upstream) PushBlob(repo string, data []byte) v1.Hash {
 	u.t.Helper()
+	defer u.push.CloseIdleConnections()
 	l := static.NewLayer(data, types.OCILayer)
 	if err := remote.WriteLayer(u.Ref(repo+":unused").Context(), l, u.RemoteOptions()...); err != nil {
 		u.t.Fatalf("upstream: push blob to %s: %v", repo, err)
@@ -387,6 +508,89 @@ func (u *Upstream) PushBlob(repo string, data []byte) v1.Hash {
 		u.t.Fatal(err)
 	}
 	return d
+}
+
+// PushIndex writes idx, and the images it holds, to repo:tag as go-containerregistry
+// builds it (mutate.AppendManifests); PushRandomIndex writes one as registries serve them.
+func (u *Upstream) PushIndex(repo, tag string, idx v1.ImageIndex) v1.Hash {
+	u.t.Helper()
+	defer u.push.CloseIdleConnections()
+	if err := remote.WriteIndex(u.Ref(repo+":"+tag), idx, u.RemoteOptions()...); err != nil {
+		u.t.Fatalf("upstream: push index %s:%s: %v", repo, tag, err)
+	}
+	d, err := idx.Digest()
+	if err != nil {
+		u.t.Fatal(err)
+	}
+	return d
+}
+
+// Layer is one layer of a pushed image: its digest, its bytes as served, and the path a
+// client GETs it at, on the upstream or through a mirror.
+type Layer struct {
+	Digest digest.Digest
+	Bytes  []byte
+	Path   string // /v2/<repo>/blobs/<digest>
+}
+
+// Layer returns layer n of img, which was pushed to this upstream.
+func (u *Upstream) Layer(img Image, n int) Layer {
+	u.t.Helper()
+	ls, err := img.Image.Layers()
+	if err != nil || n >= len(ls) {
+		u.t.Fatalf("upstream: layer %d of %s:%s: %v", n, img.Repo, img.Tag, err)
+	}
+	rc, err := ls[n].Compressed()
+	if err != nil {
+		u.t.Fatal(err)
+	}
+	defer rc.Close()
+	b, err := io.ReadAll(rc)
+	if err != nil {
+		u.t.Fatal(err)
+	}
+	d := digest.Digest(img.Layers[n].String())
+	return Layer{Digest: d, Bytes: b, Path: "/v2/" + img.Repo + "/blobs/" + d.String()}
+}
+
+// PushOneLayer pushes a random image of one layer of size bytes to repo:tag and returns it
+// with that layer.
+func (u *Upstream) PushOneLayer(repo, tag string, size int64) (Image, Layer) {
+	u.t.Helper()
+	img := u.PushRandomImage(repo, tag, 1, size)
+	return img, u.Layer(img, 0)
+}
+
+// ServeSlowly makes GETs of path answer body in pieces of piece bytes with a pause after
+// each (a flush first), so clients arrive while it streams; with chunked, no
+// Content-Length is sent. It replaces the hook and returns the number of GETs it answered.
+func (u *Upstream) ServeSlowly(path string, body []byte, piece int, pause time.Duration, chunked bool) *atomic.Int32 {
+	var gets atomic.Int32
+	u.SetHook(func(w http.ResponseWriter, r *http.Request) bool {
+		if r.Method != http.MethodGet || r.URL.Path != path {
+			return false
+		}
+		gets.Add(1)
+		if !chunked {
+			w.Header().Set("Content-Length", strconv.Itoa(len(body)))
+		}
+		w.WriteHeader(http.StatusOK)
+		for i := 0; i < len(body); i += piece {
+			if _, err := w.Write(body[i:min(i+piece, len(body))]); err != nil {
+				return true
+			}
+			http.NewResponseController(w).Flush()
+			if pause > 0 {
+				select {
+				case <-time.After(pause):
+				case <-r.Context().Done():
+					return true
+				}
+			}
+		}
+		return true
+	})
+	return &gets
 }
 
 type rawManifest struct {

@@ -16,17 +16,6 @@ import (
 	"github.com/node-mirror/node-mirror/pkg/contentstore"
 )
 
-// total counts every request the upstream saw.
-func (u *fakeUpstream) total() int {
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	n := 0
-	for _, v := range u.count {
-		n += v
-	}
-	return n
-}
-
 // contentBytes sums the files under the content store: committed blobs and ingests.
 func contentBytes(root string) int64 {
 	var n int64
@@ -57,14 +46,14 @@ func TestBudgetHoldsWhileFillingPastIt(t *testing.T) {
 	var largest int64
 	for i := range images {
 		img := randomImage(t, layerSize, 3)
-		up.push(t, fmt.Sprintf("library/img%d", i), "v1", img)
+		up.Push(fmt.Sprintf("library/img%d", i), "v1", img)
 		imgs = append(imgs, img)
 		ls, _ := img.Layers()
 		for _, l := range ls {
 			largest = max(largest, mustSize(t, l))
 		}
 	}
-	tm := newMirror(t, map[string][]string{"docker.io": {up.srv.URL}}, func(o *Options) { o.TagFreshness = time.Hour })
+	tm := newMirror(t, map[string][]string{"docker.io": {up.URL()}}, func(o *Options) { o.TagFreshness = time.Hour })
 	tm.store.SetBudget(contentstore.Budget{MaxBytes: budget})
 
 	// Sample the disk while the pulls run.
@@ -110,9 +99,9 @@ func TestBudgetHoldsWhileFillingPastIt(t *testing.T) {
 	}
 
 	// The most recently used image: no upstream request at all.
-	before := up.total()
+	before := len(up.Requests())
 	tm.pull(t, fmt.Sprintf("library/img%d:v1", images-1))
-	if n := up.total() - before; n != 0 {
+	if n := len(up.Requests()) - before; n != 0 {
 		t.Fatalf("pulling the most recently used image made %d upstream requests", n)
 	}
 
@@ -126,10 +115,10 @@ func TestBudgetHoldsWhileFillingPastIt(t *testing.T) {
 	if _, found, _ := tm.store.Tag("docker.io", "library/img0", "v1"); found {
 		t.Fatal("tag of the evicted manifest kept in the index")
 	}
-	before = up.requests(http.MethodGet, "/v2/library/img0/manifests/v1")
+	before = up.CountPath(http.MethodGet, "/v2/library/img0/manifests/v1")
 	tm.pull(t, "library/img0:v1")
-	if up.requests(http.MethodGet, "/v2/library/img0/manifests/v1") == before {
-		if up.requests(http.MethodGet, "/v2/library/img0/manifests/"+md.String()) == 0 {
+	if up.CountPath(http.MethodGet, "/v2/library/img0/manifests/v1") == before {
+		if up.CountPath(http.MethodGet, "/v2/library/img0/manifests/"+md.String()) == 0 {
 			t.Fatal("evicted manifest was not fetched again")
 		}
 	}

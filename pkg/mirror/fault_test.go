@@ -87,21 +87,18 @@ func TestBlobFaults(t *testing.T) {
 		name := string(tc.rule.Kind) + fmt.Sprint(tc.rule.Status, tc.rule.RetryAfter, tc.rule.Times)
 		t.Run(name, func(t *testing.T) {
 			up := newUpstream(t)
-			img := randomImage(t, 300<<10, 1)
-			up.push(t, "library/app", "v1", img)
-			layers, _ := img.Layers()
-			ld, _ := layers[0].Digest()
-			want := mustRead(t, layers[0])
-			tm := newMirrorWith(t, t.TempDir(), map[string][]string{"docker.io": {up.srv.URL}}, faultClient)
-			url := tm.srv.URL + "/v2/library/app/blobs/" + ld.String()
+			_, layer := up.PushOneLayer("library/app", "v1", 300<<10)
+			want := layer.Bytes
+			tm := newMirrorWith(t, t.TempDir(), map[string][]string{"docker.io": {up.URL()}}, faultClient)
+			url := tm.srv.URL + layer.Path
 
-			up.fault.RequireToken(tc.token)
+			up.Faults.RequireToken(tc.token)
 			rule := tc.rule
 			if rule.PathContains == "" {
 				rule.PathContains = "/blobs/"
 				rule.Method = http.MethodGet
 			}
-			up.fault.Set(rule)
+			up.Faults.Set(rule)
 			status, body, clean := fetch(t, url)
 			complete := status == http.StatusOK && clean
 			switch {
@@ -112,12 +109,12 @@ func TestBlobFaults(t *testing.T) {
 			case !complete && tc.mustServe:
 				t.Fatalf("status %d clean %v: a recoverable fault failed the pull", status, clean)
 			}
-			if up.fault.Fired(tc.rule.Kind) == 0 {
+			if up.Faults.Fired(tc.rule.Kind) == 0 {
 				t.Fatal("the fault never fired; the test proves nothing")
 			}
 			assertStoreIntact(t, tm)
 
-			up.fault.Clear()
+			up.Faults.Clear()
 			status, body, clean = fetch(t, url)
 			if status != http.StatusOK || !clean || !bytes.Equal(body, want) {
 				t.Fatalf("healthy upstream afterwards: status %d clean %v equal %v", status, clean, bytes.Equal(body, want))
@@ -137,12 +134,12 @@ func TestManifestFaults(t *testing.T) {
 			img := randomImage(t, 1024, 1)
 			other := randomImage(t, 1024, 1)
 			otherRaw, _ := other.RawManifest()
-			up.push(t, "library/app", "v1", img)
+			up.Push("library/app", "v1", img)
 			want, _ := img.Digest()
-			tm := newMirrorWith(t, t.TempDir(), map[string][]string{"docker.io": {up.srv.URL}}, faultClient, func(o *Options) { o.TagFreshness = 0 })
+			tm := newMirrorWith(t, t.TempDir(), map[string][]string{"docker.io": {up.URL()}}, faultClient, func(o *Options) { o.TagFreshness = 0 })
 
 			// Cold, by digest: an error, never the wrong manifest.
-			up.fault.Set(fault.Rule{Kind: kind, Method: http.MethodGet, PathContains: "/manifests/", Manifest: otherRaw})
+			up.Faults.Set(fault.Rule{Kind: kind, Method: http.MethodGet, PathContains: "/manifests/", Manifest: otherRaw})
 			status, body, clean := fetch(t, tm.srv.URL+"/v2/library/app/manifests/"+want.String())
 			if status == http.StatusOK && clean {
 				t.Fatalf("faulty manifest served by digest: %s", body)
@@ -153,14 +150,14 @@ func TestManifestFaults(t *testing.T) {
 			assertStoreIntact(t, tm)
 
 			// Healthy: the tag is cached.
-			up.fault.Clear()
+			up.Faults.Clear()
 			if status, _, _ := fetch(t, tm.srv.URL+"/v2/library/app/manifests/v1"); status != 200 {
 				t.Fatalf("healthy tag: %d", status)
 			}
 
 			// Faulty again, and the tag is revalidated each time: the cached manifest is served.
 			// The HEAD is faulted too, so the fetch path runs.
-			up.fault.Set(
+			up.Faults.Set(
 				fault.Rule{Kind: fault.Status, Status: 500, Method: http.MethodHead},
 				fault.Rule{Kind: kind, Method: http.MethodGet, PathContains: "/manifests/", Manifest: otherRaw},
 			)
@@ -171,8 +168,8 @@ func TestManifestFaults(t *testing.T) {
 			}
 
 			// Fixed upstream with a moved tag: the new digest is seen.
-			up.fault.Clear()
-			up.push(t, "library/app", "v1", other)
+			up.Faults.Clear()
+			up.Push("library/app", "v1", other)
 			od, _ := other.Digest()
 			if resp, _ := tm.get(t, http.MethodGet, "/v2/library/app/manifests/v1"); resp.Header.Get("Docker-Content-Digest") != od.String() {
 				t.Fatalf("fixed upstream not used again: %s", resp.Header.Get("Docker-Content-Digest"))
@@ -188,21 +185,23 @@ func TestCachedServedWhileUpstreamStalls(t *testing.T) {
 	up := newUpstream(t)
 	cached := randomImage(t, 1<<20, 1)
 	cold := randomImage(t, 1<<20, 1)
-	up.push(t, "library/cached", "v1", cached)
-	up.push(t, "library/cold", "v1", cold)
-	tm := newMirrorWith(t, t.TempDir(), map[string][]string{"docker.io": {up.srv.URL}}, faultClient)
+	up.Push("library/cached", "v1", cached)
+	up.Push("library/cold", "v1", cold)
+	tm := newMirrorWith(t, t.TempDir(), map[string][]string{"docker.io": {up.URL()}}, faultClient)
 	tm.pull(t, "library/cached:v1")
 
 	cl, _ := cold.Layers()
 	cd, _ := cl[0].Digest()
-	up.fault.Set(fault.Rule{Kind: fault.StallBeforeHeaders, PathContains: cd.String()})
+	up.Faults.Set(fault.Rule{Kind: fault.StallBeforeHeaders, PathContains: cd.String()})
 	stuck := make(chan struct{})
 	go func() {
 		defer close(stuck)
 		fetch(t, tm.srv.URL+"/v2/library/cold/blobs/"+cd.String())
 	}()
-	for up.fault.Fired(fault.StallBeforeHeaders) == 0 {
-		time.Sleep(5 * time.Millisecond)
+	for deadline := time.Now().Add(30 * time.Second); up.Faults.Fired(fault.StallBeforeHeaders) == 0; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the cold request never reached the stalling upstream")
+		}
 	}
 	for i := 0; i < 5; i++ {
 		tm.pull(t, "library/cached:v1")
@@ -212,6 +211,6 @@ func TestCachedServedWhileUpstreamStalls(t *testing.T) {
 		t.Fatal("the stalled request ended before the cached pulls were checked; the test proves nothing")
 	default:
 	}
-	up.fault.Close() // end the stall
+	up.Faults.Close() // end the stall
 	<-stuck
 }

@@ -20,6 +20,7 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/opencontainers/go-digest"
 
+	"github.com/node-mirror/node-mirror/internal/testenv"
 	"github.com/node-mirror/node-mirror/pkg/contentstore"
 	"github.com/node-mirror/node-mirror/pkg/fleet"
 	"github.com/node-mirror/node-mirror/pkg/upstream"
@@ -38,7 +39,8 @@ const testChunk = 256 << 10
 
 // startMember starts a mirror of up in a fleet with key, joining join (gossip addresses).
 // advertise, when set, wraps the peer address the others are told (a lying proxy).
-func startMember(t *testing.T, name string, up *fakeUpstream, key []byte, join []string, advertise func(real string) string) *member {
+// More options change the fleet's configuration.
+func startMember(t *testing.T, name string, up *testenv.Upstream, key []byte, join []string, advertise func(real string) string, more ...func(*fleet.Config)) *member {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -48,10 +50,14 @@ func startMember(t *testing.T, name string, up *fakeUpstream, key []byte, join [
 	if advertise != nil {
 		adv = advertise(adv)
 	}
-	f, err := fleet.Start(context.Background(), fleet.Config{
+	cfg := fleet.Config{
 		NodeName: name, GossipListen: "127.0.0.1:0", PeerAdvertise: adv, Join: join, Key: key,
 		Logger: nopLogger(), DialTimeout: time.Second, HeaderTimeout: 10 * time.Second, IdleTimeout: 10 * time.Second,
-	})
+	}
+	for _, f := range more {
+		f(&cfg)
+	}
+	f, err := fleet.Start(context.Background(), cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -61,7 +67,7 @@ func startMember(t *testing.T, name string, up *fakeUpstream, key []byte, join [
 	}
 	uo := testClient
 	uo.Logger = nopLogger()
-	c, err := upstream.New("docker.io", []string{up.srv.URL}, "", "", uo)
+	c, err := upstream.New("docker.io", []string{up.URL()}, "", "", uo)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -113,9 +119,9 @@ type upstreamBytes struct {
 	rate int64 // bytes a second per response
 }
 
-func (u *upstreamBytes) wrap(up *fakeUpstream) {
-	inner := up.fault
-	up.setHook(func(w http.ResponseWriter, r *http.Request) bool {
+func (u *upstreamBytes) wrap(up *testenv.Upstream) {
+	inner := up.Faults
+	up.SetHook(func(w http.ResponseWriter, r *http.Request) bool {
 		if !strings.Contains(r.URL.Path, "/blobs/") || r.Method != http.MethodGet {
 			return false
 		}
@@ -177,7 +183,7 @@ func imageBytes(t *testing.T, img v1.Image) int64 {
 func TestFleetPullsEachByteOnce(t *testing.T) {
 	up := newUpstream(t)
 	img := randomImage(t, 2<<20, 2)
-	up.push(t, "library/app", "v1", img)
+	up.Push("library/app", "v1", img)
 	ub := &upstreamBytes{rate: 4 << 20}
 	ub.wrap(up)
 	key := fleetKey(t)
@@ -200,7 +206,7 @@ func TestFleetPullsEachByteOnce(t *testing.T) {
 	size := imageBytes(t, img)
 	sent := ub.n.Load()
 	md, _ := img.Digest()
-	if n := up.requests(http.MethodGet, "/v2/library/app/manifests/v1") + up.requests(http.MethodGet, "/v2/library/app/manifests/"+md.String()); n != 1 {
+	if n := up.CountPath(http.MethodGet, "/v2/library/app/manifests/v1") + up.CountPath(http.MethodGet, "/v2/library/app/manifests/"+md.String()); n != 1 {
 		t.Errorf("4 members made %d manifest GETs upstream, want 1 (the owner's; tags are resolved with HEADs)", n)
 	}
 	t.Logf("4 members pulled a %d-byte image; upstream sent %d blob bytes (%.2fx)", size, sent, float64(sent)/float64(size))
@@ -308,12 +314,30 @@ func flippingProxy(t *testing.T) func(string) string {
 func TestFleetMemberWithAnotherKey(t *testing.T) {
 	up := newUpstream(t)
 	a := startMember(t, "a", up, fleetKey(t), nil, nil)
-	b := startMember(t, "b", up, fleetKey(t), []string{a.fleet.GossipAddr()}, nil)
-	time.Sleep(2 * time.Second) // joining is retried in the background; give it the chance to fail
-	for _, m := range a.fleet.Members() {
-		if m.Name == "b" {
-			t.Fatal("a member with another key was admitted")
+	bLog := &logCount{n: map[string]int{}}
+	b := startMember(t, "b", up, fleetKey(t), []string{a.fleet.GossipAddr()}, nil,
+		func(c *fleet.Config) { c.Logger = slog.New(bLog) })
+	// b retries joining in the background. Judge once it has tried, and failed, twice:
+	// each attempt is a whole exchange with a, so a has seen b's key by then.
+	const failed = "fleet: no member to join yet; retrying"
+	admitted := func() bool {
+		for _, m := range a.fleet.Members() {
+			if m.Name == "b" {
+				return true
+			}
 		}
+		return false
+	}
+	for deadline := time.Now().Add(30 * time.Second); bLog.count(failed) < 2 && !admitted(); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("b logged %d failed joins within 30s, want 2", bLog.count(failed))
+		}
+	}
+	if admitted() {
+		t.Fatal("a member with another key was admitted")
+	}
+	if ms := b.fleet.Members(); len(ms) != 1 || ms[0].Name != "b" {
+		t.Fatalf("b, with another key, sees %v", ms)
 	}
 	blob := []byte("secret layer")
 	d := digest.FromBytes(blob)
@@ -348,4 +372,27 @@ func testLogger() *slog.Logger {
 		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
 	return nopLogger()
+}
+
+// logCount is a slog handler that counts records by message, at every level.
+type logCount struct {
+	mu sync.Mutex
+	n  map[string]int
+}
+
+func (l *logCount) Enabled(context.Context, slog.Level) bool { return true }
+func (l *logCount) WithAttrs([]slog.Attr) slog.Handler       { return l }
+func (l *logCount) WithGroup(string) slog.Handler            { return l }
+
+func (l *logCount) Handle(_ context.Context, r slog.Record) error {
+	l.mu.Lock()
+	l.n[r.Message]++
+	l.mu.Unlock()
+	return nil
+}
+
+func (l *logCount) count(msg string) int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.n[msg]
 }

@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"log"
 	"log/slog"
 	"net"
 	"net/http"
@@ -19,109 +18,24 @@ import (
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/name"
-	"github.com/google/go-containerregistry/pkg/registry"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/random"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/validate"
 	"github.com/opencontainers/go-digest"
 
-	"github.com/node-mirror/node-mirror/internal/fault"
 	"github.com/node-mirror/node-mirror/internal/testenv"
 	"github.com/node-mirror/node-mirror/internal/wire"
 	"github.com/node-mirror/node-mirror/pkg/contentstore"
 	"github.com/node-mirror/node-mirror/pkg/upstream"
 )
 
-// fakeUpstream is a real in-process registry that counts requests and can be told to
-// misbehave for specific paths.
-type fakeUpstream struct {
-	srv   *httptest.Server
-	reg   http.Handler
-	fault *fault.Injector
-	mu    sync.Mutex
-	count map[string]int // "METHOD path" -> requests
-	// hook, when set, may answer a request itself (return true) to inject faults.
-	hook func(w http.ResponseWriter, r *http.Request) bool
-}
-
-func newUpstream(t *testing.T) *fakeUpstream {
+// newUpstream is the shared test upstream (internal/testenv) with its blobs on disk: the
+// soak test measures the heap, and must measure the mirror's, not the test upstream's
+// growing store.
+func newUpstream(t *testing.T) *testenv.Upstream {
 	t.Helper()
-	// Blobs on disk, not in memory: the soak test measures the heap, and must measure
-	// the mirror's, not the test upstream's growing store.
-	reg := registry.New(registry.Logger(log.New(io.Discard, "", 0)), registry.WithReferrersSupport(true),
-		registry.WithBlobHandler(registry.NewDiskBlobHandler(t.TempDir())))
-	u := &fakeUpstream{reg: reg, fault: fault.New(testenv.RFCRanges(reg)), count: map[string]int{}}
-	u.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		u.mu.Lock()
-		u.count[r.Method+" "+r.URL.Path]++
-		hook := u.hook
-		u.mu.Unlock()
-		if hook != nil && hook(w, r) {
-			return
-		}
-		u.fault.ServeHTTP(w, r)
-	}))
-	t.Cleanup(u.srv.Close)
-	t.Cleanup(u.fault.Close) // first, so stalled handlers return before the server closes
-	return u
-}
-
-func (u *fakeUpstream) setHook(h func(w http.ResponseWriter, r *http.Request) bool) {
-	u.mu.Lock()
-	u.hook = h
-	u.mu.Unlock()
-}
-
-// slowBlob serves blob at path in chunks with a pause after each, so clients arrive
-// while its download is still in flight.
-func (u *fakeUpstream) slowBlob(path string, blob []byte, chunk int, pause time.Duration) {
-	u.setHook(func(w http.ResponseWriter, r *http.Request) bool {
-		if r.Method != http.MethodGet || r.URL.Path != path {
-			return false
-		}
-		w.Header().Set("Content-Length", fmt.Sprint(len(blob)))
-		w.WriteHeader(200)
-		for i := 0; i < len(blob); i += chunk {
-			w.Write(blob[i:min(i+chunk, len(blob))])
-			http.NewResponseController(w).Flush()
-			time.Sleep(pause)
-		}
-		return true
-	})
-}
-
-func (u *fakeUpstream) requests(method, path string) int {
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	return u.count[method+" "+path]
-}
-
-// blobGets counts GETs of any blob.
-func (u *fakeUpstream) blobGets() int {
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	n := 0
-	for k, v := range u.count {
-		if strings.HasPrefix(k, "GET ") && strings.Contains(k, "/blobs/") {
-			n += v
-		}
-	}
-	return n
-}
-
-func (u *fakeUpstream) host() string { return strings.TrimPrefix(u.srv.URL, "http://") }
-
-// push writes img to the upstream as repo:tag.
-func (u *fakeUpstream) push(t *testing.T, repo, tag string, img v1.Image) {
-	t.Helper()
-	ref, err := name.ParseReference(u.host()+"/"+repo+":"+tag, name.Insecure)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := remote.Write(ref, img); err != nil {
-		t.Fatalf("pushing %s: %v", ref, err)
-	}
+	return testenv.NewUpstream(t, testenv.WithDiskBlobs())
 }
 
 type testMirror struct {
@@ -247,16 +161,16 @@ func randomImage(t *testing.T, layerSize int64, layers int64) v1.Image {
 func TestColdThenWarmPull(t *testing.T) {
 	up := newUpstream(t)
 	img := randomImage(t, 64<<10, 3)
-	up.push(t, "library/app", "v1", img)
-	tm := newMirror(t, map[string][]string{"docker.io": {up.srv.URL}})
+	up.Push("library/app", "v1", img)
+	tm := newMirror(t, map[string][]string{"docker.io": {up.URL()}})
 
 	cold := tm.pull(t, "library/app:v1")
-	coldGets := up.blobGets()
+	coldGets := up.AnyBlobGETs()
 	if coldGets != 4 { // three layers and the config, each once
 		t.Fatalf("cold pull made %d upstream blob GETs, want 4", coldGets)
 	}
 	warm := tm.pull(t, "library/app:v1")
-	if got := up.blobGets(); got != coldGets {
+	if got := up.AnyBlobGETs(); got != coldGets {
 		t.Fatalf("warm pull made %d more upstream blob GETs, want 0", got-coldGets)
 	}
 	cd, _ := cold.Digest()
@@ -278,9 +192,9 @@ func TestColdThenWarmPull(t *testing.T) {
 func TestRoutingPrefixAndNamespace(t *testing.T) {
 	up := newUpstream(t)
 	img := randomImage(t, 1024, 1)
-	up.push(t, "team/app", "v1", img)
-	up.push(t, "library/nginx", "latest", img)
-	tm := newMirror(t, map[string][]string{"docker.io": {up.srv.URL}, "ghcr.io": {up.srv.URL}})
+	up.Push("team/app", "v1", img)
+	up.Push("library/nginx", "latest", img)
+	tm := newMirror(t, map[string][]string{"docker.io": {up.URL()}, "ghcr.io": {up.URL()}})
 	want, _ := img.Digest()
 
 	for _, path := range []string{
@@ -300,15 +214,11 @@ func TestRoutingPrefixAndNamespace(t *testing.T) {
 
 func TestHeadManifestAndBlobHeaders(t *testing.T) {
 	up := newUpstream(t)
-	img := randomImage(t, 4096, 1)
-	up.push(t, "library/app", "v1", img)
-	tm := newMirror(t, map[string][]string{"docker.io": {up.srv.URL}})
-	raw, _ := img.RawManifest()
-	mt, _ := img.MediaType()
-	want, _ := img.Digest()
-	layers, _ := img.Layers()
-	ld, _ := layers[0].Digest()
-	lsize, _ := layers[0].Size()
+	img, layer := up.PushOneLayer("library/app", "v1", 4096)
+	tm := newMirror(t, map[string][]string{"docker.io": {up.URL()}})
+	raw, _ := img.Image.RawManifest()
+	mt, want := img.MediaType, img.Digest
+	ld, lsize := layer.Digest, len(layer.Bytes)
 
 	for _, tc := range []struct {
 		path, digest, ctype string
@@ -316,7 +226,7 @@ func TestHeadManifestAndBlobHeaders(t *testing.T) {
 	}{
 		{"/v2/library/app/manifests/v1", want.String(), string(mt), len(raw)},
 		{"/v2/library/app/manifests/" + want.String(), want.String(), string(mt), len(raw)},
-		{"/v2/library/app/blobs/" + ld.String(), ld.String(), blobContentType, int(lsize)}, // cold HEAD
+		{layer.Path, ld.String(), blobContentType, lsize}, // cold HEAD
 	} {
 		for _, round := range []string{"cold", "warm"} {
 			resp, body := tm.get(t, http.MethodHead, tc.path)
@@ -332,16 +242,12 @@ func TestHeadManifestAndBlobHeaders(t *testing.T) {
 
 func TestThunderingHerdFetchesOnce(t *testing.T) {
 	up := newUpstream(t)
-	img := randomImage(t, 8<<20, 1)
-	up.push(t, "library/big", "v1", img)
-	layers, _ := img.Layers()
-	ld, _ := layers[0].Digest()
-	want := mustRead(t, layers[0])
-	path := "/v2/library/big/blobs/" + ld.String()
+	_, layer := up.PushOneLayer("library/big", "v1", 8<<20)
+	want, path := layer.Bytes, layer.Path
 
 	// Slow the upstream body so every client arrives while the download is in flight.
-	up.slowBlob(path, want, 512<<10, 20*time.Millisecond)
-	tm := newMirror(t, map[string][]string{"docker.io": {up.srv.URL}})
+	up.ServeSlowly(path, want, 512<<10, 20*time.Millisecond, false)
+	tm := newMirror(t, map[string][]string{"docker.io": {up.URL()}})
 
 	const clients = 16
 	var wg sync.WaitGroup
@@ -371,21 +277,17 @@ func TestThunderingHerdFetchesOnce(t *testing.T) {
 	for err := range errs {
 		t.Error(err)
 	}
-	if n := up.requests(http.MethodGet, path); n != 1 {
+	if n := up.CountPath(http.MethodGet, path); n != 1 {
 		t.Fatalf("%d clients caused %d upstream GETs, want 1", clients, n)
 	}
 }
 
 func TestClientsStreamBeforeDownloadCompletes(t *testing.T) {
 	up := newUpstream(t)
-	img := randomImage(t, 1<<20, 1)
-	up.push(t, "library/slow", "v1", img)
-	layers, _ := img.Layers()
-	ld, _ := layers[0].Digest()
-	want := mustRead(t, layers[0])
-	path := "/v2/library/slow/blobs/" + ld.String()
+	_, layer := up.PushOneLayer("library/slow", "v1", 1<<20)
+	want, path := layer.Bytes, layer.Path
 	release := make(chan struct{})
-	up.setHook(func(w http.ResponseWriter, r *http.Request) bool {
+	up.SetHook(func(w http.ResponseWriter, r *http.Request) bool {
 		if r.Method != http.MethodGet || r.URL.Path != path {
 			return false
 		}
@@ -397,7 +299,7 @@ func TestClientsStreamBeforeDownloadCompletes(t *testing.T) {
 		w.Write(want[len(want)/2:])
 		return true
 	})
-	tm := newMirror(t, map[string][]string{"docker.io": {up.srv.URL}})
+	tm := newMirror(t, map[string][]string{"docker.io": {up.URL()}})
 	resp, err := http.Get(tm.srv.URL + path)
 	if err != nil {
 		t.Fatal(err)
@@ -419,14 +321,10 @@ func TestClientsStreamBeforeDownloadCompletes(t *testing.T) {
 
 func TestDownloadCompletesAfterClientLeaves(t *testing.T) {
 	up := newUpstream(t)
-	img := randomImage(t, 2<<20, 1)
-	up.push(t, "library/app", "v1", img)
-	layers, _ := img.Layers()
-	ld, _ := layers[0].Digest()
-	want := mustRead(t, layers[0])
-	path := "/v2/library/app/blobs/" + ld.String()
-	up.slowBlob(path, want, 256<<10, 10*time.Millisecond)
-	tm := newMirror(t, map[string][]string{"docker.io": {up.srv.URL}})
+	_, layer := up.PushOneLayer("library/app", "v1", 2<<20)
+	d, want, path := layer.Digest, layer.Bytes, layer.Path
+	up.ServeSlowly(path, want, 256<<10, 10*time.Millisecond, false)
+	tm := newMirror(t, map[string][]string{"docker.io": {up.URL()}})
 	ctx, cancel := context.WithCancel(context.Background())
 	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, tm.srv.URL+path, nil)
 	resp, err := http.DefaultClient.Do(req)
@@ -437,7 +335,6 @@ func TestDownloadCompletesAfterClientLeaves(t *testing.T) {
 	cancel() // the only client goes away mid-download
 	resp.Body.Close()
 
-	d := digest.Digest(ld.String())
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		if _, err := tm.store.Size(d); err == nil {
@@ -456,13 +353,9 @@ func TestDownloadCompletesAfterClientLeaves(t *testing.T) {
 
 func TestRangeOnCachedBlob(t *testing.T) {
 	up := newUpstream(t)
-	img := randomImage(t, 100<<10, 1)
-	up.push(t, "library/app", "v1", img)
-	layers, _ := img.Layers()
-	ld, _ := layers[0].Digest()
-	want := mustRead(t, layers[0])
-	tm := newMirror(t, map[string][]string{"docker.io": {up.srv.URL}})
-	path := "/v2/library/app/blobs/" + ld.String()
+	_, layer := up.PushOneLayer("library/app", "v1", 100<<10)
+	want, path := layer.Bytes, layer.Path
+	tm := newMirror(t, map[string][]string{"docker.io": {up.URL()}})
 
 	for _, round := range []string{"cold", "warm"} {
 		resp, body := tm.get(t, http.MethodGet, path, "Range", "bytes=1000-1999")
@@ -473,7 +366,7 @@ func TestRangeOnCachedBlob(t *testing.T) {
 			t.Fatalf("%s Content-Range %q", round, cr)
 		}
 	}
-	if n := up.blobGets(); n != 1 {
+	if n := up.AnyBlobGETs(); n != 1 {
 		t.Fatalf("upstream blob GETs %d, want 1", n)
 	}
 }
@@ -517,22 +410,18 @@ func TestBadUpstreamBytesNeverServedComplete(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			up := newUpstream(t)
-			img := randomImage(t, 256<<10, 1)
-			up.push(t, "library/app", "v1", img)
-			layers, _ := img.Layers()
-			ld, _ := layers[0].Digest()
-			blob := mustRead(t, layers[0])
-			path := "/v2/library/app/blobs/" + ld.String()
+			_, layer := up.PushOneLayer("library/app", "v1", 256<<10)
+			ld, blob, path := layer.Digest, layer.Bytes, layer.Path
 			var faulty atomic.Bool
 			faulty.Store(true)
-			up.setHook(func(w http.ResponseWriter, r *http.Request) bool {
+			up.SetHook(func(w http.ResponseWriter, r *http.Request) bool {
 				if !faulty.Load() || r.Method != http.MethodGet || r.URL.Path != path {
 					return false
 				}
 				tc.serve(w, blob)
 				return true
 			})
-			tm := newMirror(t, map[string][]string{"docker.io": {up.srv.URL}})
+			tm := newMirror(t, map[string][]string{"docker.io": {up.URL()}})
 
 			resp, err := http.Get(tm.srv.URL + path)
 			if err == nil {
@@ -543,7 +432,7 @@ func TestBadUpstreamBytesNeverServedComplete(t *testing.T) {
 				}
 			}
 			waitNoDownloads(t, tm)
-			if _, err := tm.store.Size(digest.Digest(ld.String())); err == nil {
+			if _, err := tm.store.Size(ld); err == nil {
 				t.Fatal("bad bytes were committed")
 			}
 			if ds, _ := tm.store.Digests(context.Background()); len(ds) != 0 {
@@ -579,10 +468,10 @@ func waitNoDownloads(t *testing.T, tm *testMirror) {
 func TestTagsResolveWithUpstreamStopped(t *testing.T) {
 	up := newUpstream(t)
 	img := randomImage(t, 1024, 2)
-	up.push(t, "library/app", "v1", img)
-	tm := newMirror(t, map[string][]string{"docker.io": {up.srv.URL}}, func(o *Options) { o.TagFreshness = 0 })
+	up.Push("library/app", "v1", img)
+	tm := newMirror(t, map[string][]string{"docker.io": {up.URL()}}, func(o *Options) { o.TagFreshness = 0 })
 	tm.pull(t, "library/app:v1")
-	up.srv.Close()
+	up.Stop()
 
 	// The pull revalidates the tag (freshness 0), upstream refuses connections, and the
 	// cached answer is served.
@@ -599,10 +488,10 @@ func TestTagServedStaleOnUpstreamErrors(t *testing.T) {
 		t.Run(fmt.Sprint(status), func(t *testing.T) {
 			up := newUpstream(t)
 			img := randomImage(t, 1024, 1)
-			up.push(t, "library/app", "v1", img)
-			tm := newMirror(t, map[string][]string{"docker.io": {up.srv.URL}}, func(o *Options) { o.TagFreshness = 0 })
+			up.Push("library/app", "v1", img)
+			tm := newMirror(t, map[string][]string{"docker.io": {up.URL()}}, func(o *Options) { o.TagFreshness = 0 })
 			tm.pull(t, "library/app:v1")
-			up.setHook(func(w http.ResponseWriter, r *http.Request) bool {
+			up.SetHook(func(w http.ResponseWriter, r *http.Request) bool {
 				if status == 401 {
 					// An auth challenge whose token server is down.
 					w.Header().Set("WWW-Authenticate", `Bearer realm="http://127.0.0.1:1/token",service="x"`)
@@ -622,16 +511,16 @@ func TestTagServedStaleOnUpstreamErrors(t *testing.T) {
 
 func TestTagChangesAndDeletionsAreSeen(t *testing.T) {
 	up := newUpstream(t)
-	tm := newMirror(t, map[string][]string{"docker.io": {up.srv.URL}}, func(o *Options) { o.TagFreshness = 0 })
+	tm := newMirror(t, map[string][]string{"docker.io": {up.URL()}}, func(o *Options) { o.TagFreshness = 0 })
 	img1 := randomImage(t, 1024, 1)
 	img2 := randomImage(t, 1024, 1)
-	up.push(t, "library/app", "v1", img1)
+	up.Push("library/app", "v1", img1)
 	d1, _ := img1.Digest()
 	d2, _ := img2.Digest()
 	if resp, _ := tm.get(t, http.MethodGet, "/v2/library/app/manifests/v1"); resp.Header.Get("Docker-Content-Digest") != d1.String() {
 		t.Fatal("first digest wrong")
 	}
-	up.push(t, "library/app", "v1", img2)
+	up.Push("library/app", "v1", img2)
 	if resp, _ := tm.get(t, http.MethodGet, "/v2/library/app/manifests/v1"); resp.Header.Get("Docker-Content-Digest") != d2.String() {
 		t.Fatalf("moved tag still resolves to %s", resp.Header.Get("Docker-Content-Digest"))
 	}
@@ -645,12 +534,12 @@ func TestTagChangesAndDeletionsAreSeen(t *testing.T) {
 func TestTagRevalidationCoalesced(t *testing.T) {
 	up := newUpstream(t)
 	img := randomImage(t, 1024, 1)
-	up.push(t, "library/app", "v1", img)
-	tm := newMirror(t, map[string][]string{"docker.io": {up.srv.URL}}, func(o *Options) { o.TagFreshness = 0 })
+	up.Push("library/app", "v1", img)
+	tm := newMirror(t, map[string][]string{"docker.io": {up.URL()}}, func(o *Options) { o.TagFreshness = 0 })
 	tm.get(t, http.MethodGet, "/v2/library/app/manifests/v1")
-	before := up.requests(http.MethodHead, "/v2/library/app/manifests/v1")
+	before := up.CountPath(http.MethodHead, "/v2/library/app/manifests/v1")
 	gate := make(chan struct{})
-	up.setHook(func(w http.ResponseWriter, r *http.Request) bool {
+	up.SetHook(func(w http.ResponseWriter, r *http.Request) bool {
 		if r.Method == http.MethodHead {
 			<-gate // hold the HEAD so the clients pile up behind it
 		}
@@ -678,19 +567,19 @@ func TestTagRevalidationCoalesced(t *testing.T) {
 	}
 	close(gate)
 	wg.Wait()
-	if n := up.requests(http.MethodHead, "/v2/library/app/manifests/v1") - before; n != 1 {
+	if n := up.CountPath(http.MethodHead, "/v2/library/app/manifests/v1") - before; n != 1 {
 		t.Fatalf("16 concurrent tag requests caused %d upstream HEADs, want 1", n)
 	}
 }
 
 func TestManifestLimitsAndVerification(t *testing.T) {
 	up := newUpstream(t)
-	tm := newMirror(t, map[string][]string{"docker.io": {up.srv.URL}})
+	tm := newMirror(t, map[string][]string{"docker.io": {up.URL()}})
 	big := bytes.Repeat([]byte("x"), 4<<20+1)
 	good := []byte(`{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}`)
 	goodDigest := digest.FromBytes(good)
 	lying := digest.FromString("something else")
-	up.setHook(func(w http.ResponseWriter, r *http.Request) bool {
+	up.SetHook(func(w http.ResponseWriter, r *http.Request) bool {
 		switch r.URL.Path {
 		case "/v2/library/big/manifests/v1":
 			w.Header().Set("Content-Type", "application/vnd.oci.image.manifest.v1+json")
@@ -721,7 +610,7 @@ func TestManifestLimitsAndVerification(t *testing.T) {
 func TestEndpointsTriedInOrder(t *testing.T) {
 	up := newUpstream(t)
 	img := randomImage(t, 1024, 1)
-	up.push(t, "library/app", "v1", img)
+	up.Push("library/app", "v1", img)
 	var mu sync.Mutex
 	var asked []string // which endpoint each upstream request reached, in order
 	record := func(who string) {
@@ -734,7 +623,7 @@ func TestEndpointsTriedInOrder(t *testing.T) {
 		w.WriteHeader(http.StatusNotFound) // a corporate mirror without the image
 	}))
 	defer corp.Close()
-	up.setHook(func(w http.ResponseWriter, r *http.Request) bool {
+	up.SetHook(func(w http.ResponseWriter, r *http.Request) bool {
 		record("registry")
 		return false
 	})
@@ -744,8 +633,8 @@ func TestEndpointsTriedInOrder(t *testing.T) {
 		endpoints []string
 		want      []string // each upstream request (the mirror may make several) asks these in turn
 	}{
-		{"corporate mirror first", []string{corp.URL, up.srv.URL}, []string{"corp", "registry"}},
-		{"registry first", []string{up.srv.URL, corp.URL}, []string{"registry"}},
+		{"corporate mirror first", []string{corp.URL, up.URL()}, []string{"corp", "registry"}},
+		{"registry first", []string{up.URL(), corp.URL}, []string{"registry"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			mu.Lock()
@@ -770,11 +659,11 @@ func TestEndpointsTriedInOrder(t *testing.T) {
 	// A dead first endpoint is tried first, then passed over.
 	var seq, deadFirst, upFirst atomic.Int64
 	dead := hangUp(t, func() { deadFirst.CompareAndSwap(0, seq.Add(1)) })
-	up.setHook(func(http.ResponseWriter, *http.Request) bool {
+	up.SetHook(func(http.ResponseWriter, *http.Request) bool {
 		upFirst.CompareAndSwap(0, seq.Add(1))
 		return false
 	})
-	tm := newMirror(t, map[string][]string{"docker.io": {"http://" + dead, up.srv.URL}})
+	tm := newMirror(t, map[string][]string{"docker.io": {"http://" + dead, up.URL()}})
 	tm.pull(t, "library/app:v1")
 	if d, u := deadFirst.Load(), upFirst.Load(); d == 0 || u == 0 || d > u {
 		t.Fatalf("first contact: dead endpoint #%d, working endpoint #%d; want the dead one, listed first, tried first", d, u)
@@ -784,9 +673,9 @@ func TestEndpointsTriedInOrder(t *testing.T) {
 func TestTagsListAndReferrersPassThrough(t *testing.T) {
 	up := newUpstream(t)
 	img := randomImage(t, 1024, 1)
-	up.push(t, "library/app", "v1", img)
-	up.push(t, "library/app", "v2", img)
-	tm := newMirror(t, map[string][]string{"docker.io": {up.srv.URL}})
+	up.Push("library/app", "v1", img)
+	up.Push("library/app", "v2", img)
+	tm := newMirror(t, map[string][]string{"docker.io": {up.URL()}})
 	resp, body := tm.get(t, http.MethodGet, "/v2/library/app/tags/list")
 	var tl struct {
 		Name string   `json:"name"`
@@ -796,7 +685,7 @@ func TestTagsListAndReferrersPassThrough(t *testing.T) {
 		t.Fatalf("tags/list: %d %s", resp.StatusCode, body)
 	}
 	// Cached for ListTTL: with upstream gone the answer is still there.
-	up.srv.Close()
+	up.Stop()
 	resp, body2 := tm.get(t, http.MethodGet, "/v2/library/app/tags/list")
 	if resp.StatusCode != 200 || !bytes.Equal(body, body2) {
 		t.Fatalf("cached tags/list: %d %s", resp.StatusCode, body2)
@@ -806,9 +695,9 @@ func TestTagsListAndReferrersPassThrough(t *testing.T) {
 func TestReferrersPassThrough(t *testing.T) {
 	up := newUpstream(t)
 	img := randomImage(t, 1024, 1)
-	up.push(t, "library/app", "v1", img)
+	up.Push("library/app", "v1", img)
 	d, _ := img.Digest()
-	tm := newMirror(t, map[string][]string{"docker.io": {up.srv.URL}})
+	tm := newMirror(t, map[string][]string{"docker.io": {up.URL()}})
 	resp, body := tm.get(t, http.MethodGet, "/v2/library/app/referrers/"+d.String())
 	var idx struct {
 		MediaType string            `json:"mediaType"`
@@ -838,7 +727,7 @@ func TestBadRequests(t *testing.T) {
 		}
 	}()
 	up := newUpstream(t)
-	tm := newMirror(t, map[string][]string{"docker.io": {up.srv.URL}})
+	tm := newMirror(t, map[string][]string{"docker.io": {up.URL()}})
 	d := digest.FromString("x").String()
 
 	for _, tc := range []struct {
@@ -895,25 +784,11 @@ func TestBadRequests(t *testing.T) {
 
 func TestBaseEndpoint(t *testing.T) {
 	up := newUpstream(t)
-	tm := newMirror(t, map[string][]string{"docker.io": {up.srv.URL}})
+	tm := newMirror(t, map[string][]string{"docker.io": {up.URL()}})
 	resp, body := tm.get(t, http.MethodGet, "/v2/")
 	if resp.StatusCode != 200 || string(body) != "{}" || resp.Header.Get("Docker-Distribution-API-Version") != "registry/2.0" {
 		t.Fatalf("/v2/: %d %q", resp.StatusCode, body)
 	}
-}
-
-func mustRead(t *testing.T, l v1.Layer) []byte {
-	t.Helper()
-	rc, err := l.Compressed()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer rc.Close()
-	b, err := io.ReadAll(rc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b
 }
 
 // hangUp is an endpoint that is down: it accepts and closes every connection, calling

@@ -86,9 +86,8 @@ func serveRange(w http.ResponseWriter, r *http.Request, blob []byte) bool {
 func TestDiskFullPullsPassThrough(t *testing.T) {
 	dir := tinyFS(t, "4m")
 	up := newUpstream(t)
-	img := randomImage(t, 1<<20, 3)
-	up.push(t, "library/big", "v1", img)
-	tm := newMirrorAt(t, filepath.Join(dir, "data"), map[string][]string{"docker.io": {up.srv.URL}})
+	img := up.PushRandomImage("library/big", "v1", 3, 1<<20)
+	tm := newMirrorAt(t, filepath.Join(dir, "data"), map[string][]string{"docker.io": {up.URL()}})
 	if err := fill(dir, 300<<10); err != nil {
 		t.Fatal(err)
 	}
@@ -96,9 +95,7 @@ func TestDiskFullPullsPassThrough(t *testing.T) {
 	for range 2 {
 		tm.pull(t, "library/big:v1") // validates every blob's digest
 	}
-	layers, _ := img.Layers()
-	for _, l := range layers {
-		d, _ := l.Digest()
+	for _, d := range img.Layers {
 		if _, err := tm.store.Size(digest.Digest(d.String())); err == nil {
 			t.Fatalf("layer %s stored on a full disk", d)
 		}
@@ -109,30 +106,20 @@ func TestDiskFullPullsPassThrough(t *testing.T) {
 	assertStoreIntact(t, tm)
 
 	// Corrupt bytes passed through: cut before the end, never a complete 200.
-	ld, _ := layers[0].Digest()
-	url := tm.srv.URL + "/v2/library/big/blobs/" + ld.String()
-	up.fault.Set(fault.Rule{Kind: fault.FlipByte, Method: http.MethodGet, PathContains: ld.String()})
+	ld := img.Layers[0].String()
+	url := tm.srv.URL + "/v2/library/big/blobs/" + ld
+	up.Faults.Set(fault.Rule{Kind: fault.FlipByte, Method: http.MethodGet, PathContains: ld})
 	if status, _, clean := fetch(t, url); status == http.StatusOK && clean {
 		t.Fatal("a corrupt pass-through was served complete")
 	}
-	up.fault.Clear()
+	up.Faults.Clear()
 
 	// Unknown length (chunked): no room can be reserved; the write hits the full disk and
 	// the waiting client is passed through instead.
-	want := mustRead(t, layers[1])
-	l1, _ := layers[1].Digest()
-	chunked := "/v2/library/big/blobs/" + l1.String()
-	up.setHook(func(w http.ResponseWriter, r *http.Request) bool {
-		if r.URL.Path != chunked || r.Method != http.MethodGet {
-			return false
-		}
-		for i := 0; i < len(want); i += 64 << 10 {
-			w.Write(want[i:min(i+64<<10, len(want))])
-			w.(http.Flusher).Flush()
-		}
-		return true
-	})
-	status, body, clean := fetch(t, tm.srv.URL+chunked)
+	l1 := up.Layer(img, 1)
+	want := l1.Bytes
+	up.ServeSlowly(l1.Path, want, 64<<10, 0, true)
+	status, body, clean := fetch(t, tm.srv.URL+l1.Path)
 	if status != http.StatusOK || !clean || !bytes.Equal(body, want) {
 		t.Fatalf("chunked blob on a full disk: status %d clean %v equal %v", status, clean, bytes.Equal(body, want))
 	}
@@ -144,17 +131,13 @@ func TestDiskFullPullsPassThrough(t *testing.T) {
 func TestDiskFillsMidDownload(t *testing.T) {
 	dir := tinyFS(t, "4m")
 	up := newUpstream(t)
-	img := randomImage(t, 1<<20, 1)
-	up.push(t, "library/app", "v1", img)
-	layers, _ := img.Layers()
-	ld, _ := layers[0].Digest()
-	want := mustRead(t, layers[0])
-	path := "/v2/library/app/blobs/" + ld.String()
+	_, layer := up.PushOneLayer("library/app", "v1", 1<<20)
+	ld, want, path := layer.Digest, layer.Bytes, layer.Path
 	half := make(chan struct{})
 	filled := make(chan struct{})
 	var once sync.Once
 	var ranged atomic.Int32
-	up.setHook(func(w http.ResponseWriter, r *http.Request) bool {
+	up.SetHook(func(w http.ResponseWriter, r *http.Request) bool {
 		if r.URL.Path != path {
 			return false
 		}
@@ -172,7 +155,7 @@ func TestDiskFillsMidDownload(t *testing.T) {
 		w.Write(want[len(want)/2:])
 		return true
 	})
-	tm := newMirrorAt(t, filepath.Join(dir, "data"), map[string][]string{"docker.io": {up.srv.URL}},
+	tm := newMirrorAt(t, filepath.Join(dir, "data"), map[string][]string{"docker.io": {up.URL()}},
 		func(o *Options) { o.EagerFetch = -1 })
 	go func() {
 		defer close(filled)
@@ -193,7 +176,7 @@ func TestDiskFillsMidDownload(t *testing.T) {
 	if status != http.StatusOK || !clean || !bytes.Equal(body, want) {
 		t.Fatalf("status %d clean %v equal %v", status, clean, bytes.Equal(body, want))
 	}
-	if _, err := tm.store.Size(digest.Digest(ld.String())); err == nil {
+	if _, err := tm.store.Size(ld); err == nil {
 		t.Fatal("blob stored although the disk filled")
 	}
 	if tm.Stats().PassThrough == 0 {
@@ -236,17 +219,12 @@ func TestResumeOrphanedIngest(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			up := newUpstream(t)
-			img := randomImage(t, 512<<10, 1)
-			up.push(t, "library/app", "v1", img)
-			layers, _ := img.Layers()
-			ld, _ := layers[0].Digest()
-			d := digest.Digest(ld.String())
-			want := mustRead(t, layers[0])
-			path := "/v2/library/app/blobs/" + ld.String()
+			_, layer := up.PushOneLayer("library/app", "v1", 512<<10)
+			d, want, path := layer.Digest, layer.Bytes, layer.Path
 
 			// A crash mid-download: the first part is on disk as an ingest.
 			dir := t.TempDir()
-			tm0 := newMirrorAt(t, dir, map[string][]string{"docker.io": {up.srv.URL}})
+			tm0 := newMirrorAt(t, dir, map[string][]string{"docker.io": {up.URL()}})
 			in, err := tm0.store.NewIngest(context.Background(), d, 0)
 			if err != nil {
 				t.Fatal(err)
@@ -262,14 +240,17 @@ func TestResumeOrphanedIngest(t *testing.T) {
 			tm0.Close()
 			tm0.store.Close()
 
-			var ranges []string
-			up.setHook(func(w http.ResponseWriter, r *http.Request) bool {
+			var (
+				mu     sync.Mutex
+				ranges []string
+			)
+			up.SetHook(func(w http.ResponseWriter, r *http.Request) bool {
 				if r.URL.Path != path {
 					return false
 				}
-				up.mu.Lock()
+				mu.Lock()
 				ranges = append(ranges, r.Header.Get("Range"))
-				up.mu.Unlock()
+				mu.Unlock()
 				if tc.ignoreRng && r.Header.Get("Range") != "" {
 					w.Header().Set("Content-Length", fmt.Sprint(len(want)))
 					w.Write(want)
@@ -277,7 +258,7 @@ func TestResumeOrphanedIngest(t *testing.T) {
 				}
 				return serveRange(w, r, want)
 			})
-			tm := newMirrorAt(t, dir, map[string][]string{"docker.io": {up.srv.URL}})
+			tm := newMirrorAt(t, dir, map[string][]string{"docker.io": {up.URL()}})
 			status, body, clean := fetch(t, tm.srv.URL+path)
 			ok := status == http.StatusOK && clean && bytes.Equal(body, want)
 			if status == http.StatusOK && clean && !bytes.Equal(body, want) {
@@ -286,9 +267,9 @@ func TestResumeOrphanedIngest(t *testing.T) {
 			if ok != tc.wantOK {
 				t.Fatalf("status %d clean %v equal %v, want success %v", status, clean, bytes.Equal(body, want), tc.wantOK)
 			}
-			up.mu.Lock()
+			mu.Lock()
 			seen := slices.Clone(ranges)
-			up.mu.Unlock()
+			mu.Unlock()
 			if !strings.HasPrefix(seen[0], fmt.Sprintf("bytes=%d-", 200<<10)) {
 				t.Fatalf("first upstream request had Range %q, want one from the ingest's end", seen[0])
 			}
@@ -324,7 +305,7 @@ func TestDiskFillsMidDownloadRangeIgnored(t *testing.T) {
 	filled := make(chan struct{})
 	var once sync.Once
 	var gets atomic.Int32
-	up.setHook(func(w http.ResponseWriter, r *http.Request) bool {
+	up.SetHook(func(w http.ResponseWriter, r *http.Request) bool {
 		if r.URL.Path != path || r.Method != http.MethodGet {
 			return false
 		}
@@ -340,7 +321,7 @@ func TestDiskFillsMidDownloadRangeIgnored(t *testing.T) {
 		w.Write(bad[len(bad)/2:])
 		return true
 	})
-	tm := newMirrorAt(t, filepath.Join(dir, "data"), map[string][]string{"docker.io": {up.srv.URL}},
+	tm := newMirrorAt(t, filepath.Join(dir, "data"), map[string][]string{"docker.io": {up.URL()}},
 		func(o *Options) { o.EagerFetch = -1 })
 	go func() {
 		defer close(filled)

@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"github.com/opencontainers/go-digest"
+
+	"github.com/node-mirror/node-mirror/internal/testenv"
 )
 
 // rangedBlob is an upstream of the test's own for one blob: it answers ranges (or not),
@@ -42,8 +44,8 @@ func newRangedBlob(size int) *rangedBlob {
 func (rb *rangedBlob) digest() digest.Digest { return digest.FromBytes(rb.blob) }
 
 // install makes up answer the blob's path.
-func (rb *rangedBlob) install(up *fakeUpstream) {
-	up.setHook(func(w http.ResponseWriter, r *http.Request) bool {
+func (rb *rangedBlob) install(up *testenv.Upstream) {
+	up.SetHook(func(w http.ResponseWriter, r *http.Request) bool {
 		if r.URL.Path == rb.path && r.Method == http.MethodHead {
 			w.Header().Set("Content-Length", strconv.Itoa(len(rb.blob)))
 			return true
@@ -124,7 +126,7 @@ func TestRangedFetch(t *testing.T) {
 	up := newUpstream(t)
 	rb := newRangedBlob(2 << 20)
 	rb.install(up)
-	tm := newMirror(t, map[string][]string{"docker.io": {up.srv.URL}}, withChunks(4, 128<<10))
+	tm := newMirror(t, map[string][]string{"docker.io": {up.URL()}}, withChunks(4, 128<<10))
 
 	var wg sync.WaitGroup
 	errs := make(chan error, 16)
@@ -191,7 +193,7 @@ func TestRangedFetchSmallAndRangeless(t *testing.T) {
 			rb := newRangedBlob(tc.size)
 			rb.noRanges = tc.noRanges
 			rb.install(up)
-			tm := newMirror(t, map[string][]string{"docker.io": {up.srv.URL}}, withChunks(4, 128<<10))
+			tm := newMirror(t, map[string][]string{"docker.io": {up.URL()}}, withChunks(4, 128<<10))
 			status, body, clean := fetch(t, tm.srv.URL+rb.path)
 			if status != 200 || !clean || !bytes.Equal(body, rb.blob) {
 				t.Fatalf("status %d clean %v right %v", status, clean, bytes.Equal(body, rb.blob))
@@ -283,7 +285,7 @@ func TestRangedFetchFaults(t *testing.T) {
 			rb := newRangedBlob(1 << 20)
 			rb.misbehave = tc.misbehave(rb)
 			rb.install(up)
-			tm := newMirrorWith(t, t.TempDir(), map[string][]string{"docker.io": {up.srv.URL}}, faultClient, withChunks(4, chunk))
+			tm := newMirrorWith(t, t.TempDir(), map[string][]string{"docker.io": {up.URL()}}, faultClient, withChunks(4, chunk))
 			status, body, clean := fetch(t, tm.srv.URL+rb.path)
 			complete := status == 200 && clean
 			if complete && !bytes.Equal(body, rb.blob) {
@@ -327,7 +329,7 @@ func TestRangedFollowerRange(t *testing.T) {
 				}
 			}
 			rb.install(up)
-			tm := newMirror(t, map[string][]string{"docker.io": {up.srv.URL}}, withChunks(4, 128<<10))
+			tm := newMirror(t, map[string][]string{"docker.io": {up.URL()}}, withChunks(4, 128<<10))
 			go http.Get(tm.srv.URL + rb.path) // starts the download
 			for deadline := time.Now().Add(30 * time.Second); tm.Stats().Downloads == 0; time.Sleep(time.Millisecond) {
 				if time.Now().After(deadline) {

@@ -5,19 +5,11 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"log"
-	"net"
 	"net/http"
-	"net/http/httptest"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
-
-	"github.com/google/go-containerregistry/pkg/name"
-	"github.com/google/go-containerregistry/pkg/registry"
-	v1 "github.com/google/go-containerregistry/pkg/v1"
-	"github.com/google/go-containerregistry/pkg/v1/remote"
 
 	"github.com/node-mirror/node-mirror/internal/wire"
 	"github.com/node-mirror/node-mirror/pkg/upstream"
@@ -48,57 +40,37 @@ func poll(t *testing.T, what string, cond func() bool) {
 // bytes, and the connection is closed when it is done instead of idling in a pool that
 // nothing uses any more.
 func TestReloadClosesOldConnections(t *testing.T) {
-	reg := registry.New(registry.Logger(log.New(io.Discard, "", 0)))
-	slow := randomImage(t, 256<<10, 1)
-	layers, _ := slow.Layers()
-	ld, _ := layers[0].Digest()
-	want := mustRead(t, layers[0])
+	up := newUpstream(t)
+	up.PushRandomImage("library/small", "v1", 2, 4<<10)
+	_, slow := up.PushOneLayer("library/slow", "v1", 256<<10)
+	want := slow.Bytes
 	release := make(chan struct{})
-	var open atomic.Int32 // upstream connections not yet closed
-	up := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.Method == http.MethodGet && strings.HasSuffix(r.URL.Path, "/blobs/"+ld.String()) {
-			w.Header().Set("Content-Length", fmt.Sprint(len(want)))
-			w.Write(want[:len(want)/2])
-			http.NewResponseController(w).Flush()
-			<-release
-			w.Write(want[len(want)/2:])
-			return
+	up.SetHook(func(w http.ResponseWriter, r *http.Request) bool {
+		if r.Method != http.MethodGet || r.URL.Path != slow.Path {
+			return false
 		}
-		reg.ServeHTTP(w, r)
-	}))
-	up.Config.ConnState = func(_ net.Conn, s http.ConnState) {
-		switch s {
-		case http.StateNew:
-			open.Add(1)
-		case http.StateClosed, http.StateHijacked:
-			open.Add(-1)
-		}
-	}
-	up.Start()
-	defer up.Close()
+		w.Header().Set("Content-Length", fmt.Sprint(len(want)))
+		w.Write(want[:len(want)/2])
+		http.NewResponseController(w).Flush()
+		<-release
+		w.Write(want[len(want)/2:])
+		return true
+	})
 	var closeRelease atomic.Bool
 	defer func() {
 		if closeRelease.CompareAndSwap(false, true) {
 			close(release)
 		}
 	}()
-	pushes := &http.Transport{}
-	for repo, img := range map[string]v1.Image{"library/small": randomImage(t, 4<<10, 2), "library/slow": slow} {
-		ref, _ := name.ParseReference(strings.TrimPrefix(up.URL, "http://")+"/"+repo+":v1", name.Insecure)
-		if err := remote.Write(ref, img, remote.WithTransport(pushes)); err != nil {
-			t.Fatal(err)
-		}
-	}
-	pushes.CloseIdleConnections()
-	poll(t, "the pushes' connections are closed", func() bool { return open.Load() == 0 })
+	poll(t, "the pushes' connections are closed", func() bool { return up.OpenConns() == 0 })
 
-	tm := newMirror(t, nil, func(o *Options) { o.Registries = clientsFor(t, up.URL) })
+	tm := newMirror(t, nil, func(o *Options) { o.Registries = clientsFor(t, up.URL()) })
 	tm.pull(t, "library/small:v1")
-	if open.Load() == 0 {
+	if up.OpenConns() == 0 {
 		t.Fatal("no pooled upstream connection after a pull; the test proves nothing")
 	}
 
-	resp, err := http.Get(tm.srv.URL + "/v2/library/slow/blobs/" + ld.String())
+	resp, err := http.Get(tm.srv.URL + slow.Path)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -108,10 +80,10 @@ func TestReloadClosesOldConnections(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	if err := tm.Reconfigure(Options{Registries: clientsFor(t, up.URL), DefaultRegistry: "docker.io"}); err != nil {
+	if err := tm.Reconfigure(Options{Registries: clientsFor(t, up.URL()), DefaultRegistry: "docker.io"}); err != nil {
 		t.Fatal(err)
 	}
-	poll(t, "only the download's connection is open", func() bool { return open.Load() == 1 })
+	poll(t, "only the download's connection is open", func() bool { return up.OpenConns() == 1 })
 
 	closeRelease.Store(true)
 	close(release)
@@ -119,7 +91,7 @@ func TestReloadClosesOldConnections(t *testing.T) {
 	if err != nil || !bytes.Equal(append(first, rest...), want) {
 		t.Fatalf("the download across the reload: %v, right bytes: %v", err, bytes.Equal(append(first, rest...), want))
 	}
-	poll(t, "the download's connection is closed after it", func() bool { return open.Load() == 0 })
+	poll(t, "the download's connection is closed after it", func() bool { return up.OpenConns() == 0 })
 	// The new clients serve what comes next.
 	tm.pull(t, "library/small:v1")
 }
@@ -128,8 +100,8 @@ func TestReloadClosesOldConnections(t *testing.T) {
 // a reload changes the limit.
 func TestManifestLimitIsConfiguredAndReloaded(t *testing.T) {
 	up := newUpstream(t)
-	up.push(t, "library/app", "v1", randomImage(t, 1024, 3))
-	tm := newMirror(t, map[string][]string{"docker.io": {up.srv.URL}}, func(o *Options) { o.MaxManifestSize = 100 })
+	up.Push("library/app", "v1", randomImage(t, 1024, 3))
+	tm := newMirror(t, map[string][]string{"docker.io": {up.URL()}}, func(o *Options) { o.MaxManifestSize = 100 })
 	check := func(limit int64, wantOK bool) {
 		t.Helper()
 		resp, body := tm.get(t, http.MethodGet, "/v2/library/app/manifests/v1")
@@ -162,8 +134,8 @@ func TestManifestLimitIsConfiguredAndReloaded(t *testing.T) {
 func TestEagerFetchReloaded(t *testing.T) {
 	up := newUpstream(t)
 	img := randomImage(t, 8<<10, 3)
-	up.push(t, "library/app", "v1", img)
-	tm := newMirror(t, map[string][]string{"docker.io": {up.srv.URL}})
+	up.Push("library/app", "v1", img)
+	tm := newMirror(t, map[string][]string{"docker.io": {up.URL()}})
 	workers := func() int {
 		tm.eagerMu.Lock()
 		defer tm.eagerMu.Unlock()
@@ -188,7 +160,7 @@ func TestEagerFetchReloaded(t *testing.T) {
 	waitStored(t, tm, want)
 	waitNoDownloads(t, tm)
 	for _, d := range want {
-		if n := up.requests(http.MethodGet, "/v2/library/app/blobs/"+d.String()); n != 1 {
+		if n := up.CountPath(http.MethodGet, "/v2/library/app/blobs/"+d.String()); n != 1 {
 			t.Fatalf("%s fetched %d times", d, n)
 		}
 	}

@@ -9,22 +9,20 @@ import (
 	"io"
 	"math/rand/v2"
 	"net/http"
-	"net/http/httptest"
 	"os"
 	"runtime"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
-	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/random"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"go.uber.org/goleak"
 
 	"github.com/node-mirror/node-mirror/internal/fault"
+	"github.com/node-mirror/node-mirror/internal/testenv"
 )
 
 // TestSoak runs 64 clients pulling a mix of cached and cold images while the upstream
@@ -47,15 +45,15 @@ func TestSoak(t *testing.T) {
 	imgs := make([]v1.Image, images)
 	for i := range imgs {
 		imgs[i] = randomImage(t, int64(32<<10+i*8<<10), 3)
-		up.push(t, fmt.Sprintf("library/img%d", i), "v1", imgs[i])
+		up.Push(fmt.Sprintf("library/img%d", i), "v1", imgs[i])
 	}
-	tm := newMirrorWith(t, t.TempDir(), map[string][]string{"docker.io": {up.srv.URL}}, faultClient, func(o *Options) { o.TagFreshness = 0 })
+	tm := newMirrorWith(t, t.TempDir(), map[string][]string{"docker.io": {up.URL()}}, faultClient, func(o *Options) { o.TagFreshness = 0 })
 	// Runs before goleak's check (deferred first), also when an assertion fails.
 	defer func() {
 		tm.srv.Close()
 		tm.Close()
-		up.fault.Close()
-		up.srv.Close()
+		up.Faults.Close()
+		up.Stop()
 	}()
 	// Half the images are cached before the storm.
 	cached := map[int]bool{}
@@ -85,23 +83,21 @@ func TestSoak(t *testing.T) {
 		defer flaps.Done()
 		for ctx.Err() == nil {
 			if rand.IntN(2) == 0 {
-				up.fault.Clear()
+				up.Faults.Clear()
 			} else {
-				up.fault.Set(faults[rand.IntN(len(faults))])
+				up.Faults.Set(faults[rand.IntN(len(faults))])
 			}
 			select {
 			case <-ctx.Done():
 			case <-time.After(time.Duration(100+rand.IntN(400)) * time.Millisecond):
 			}
 		}
-		up.fault.Clear()
+		up.Faults.Clear()
 	}()
 
 	// New images keep arriving upstream (pushed past the fault injector), so cold pulls
 	// go on for the whole run instead of ending once the first images are cached.
 	var imgMu sync.Mutex
-	pushSrv := httptest.NewServer(up.reg)
-	defer pushSrv.Close()
 	flaps.Add(1)
 	go func() {
 		defer flaps.Done()
@@ -111,7 +107,7 @@ func TestSoak(t *testing.T) {
 				t.Error(err)
 				return
 			}
-			pushTo(t, pushSrv, fmt.Sprintf("library/img%d", n), img)
+			pushTo(t, up, fmt.Sprintf("library/img%d", n), img)
 			imgMu.Lock()
 			imgs = append(imgs, img)
 			imgMu.Unlock()
@@ -151,7 +147,7 @@ func TestSoak(t *testing.T) {
 	wg.Wait()
 	flaps.Wait()
 	t.Logf("soak %v: %d images, %d complete pulls, %d failed pulls (cold content, faulty upstream), %d faults fired",
-		dur, len(imgs), ok.Load(), failed.Load(), totalFired(up.fault))
+		dur, len(imgs), ok.Load(), failed.Load(), totalFired(up.Faults))
 	if wrong.Load() != 0 || cached5xx.Load() != 0 {
 		t.Fatalf("%d pulls saw wrong bytes, %d 5xx answers for cached content", wrong.Load(), cached5xx.Load())
 	}
@@ -162,7 +158,7 @@ func TestSoak(t *testing.T) {
 
 	// Memory: the heap returns near its baseline once the clients are gone.
 	client.CloseIdleConnections()
-	up.fault.Close()
+	up.Faults.Close()
 	runtime.GC()
 	var after runtime.MemStats
 	runtime.ReadMemStats(&after)
@@ -173,12 +169,10 @@ func TestSoak(t *testing.T) {
 	}
 }
 
-func pushTo(t *testing.T, srv *httptest.Server, repo string, img v1.Image) {
-	ref, err := name.ParseReference(strings.TrimPrefix(srv.URL, "http://")+"/"+repo+":v1", name.Insecure)
-	if err == nil {
-		err = remote.Write(ref, img)
-	}
-	if err != nil {
+// pushTo pushes from a goroutine of the test's own, where up.Push, which ends the test
+// on an error, may not be called.
+func pushTo(t *testing.T, up *testenv.Upstream, repo string, img v1.Image) {
+	if err := remote.Write(up.Ref(repo+":v1"), img, up.RemoteOptions()...); err != nil {
 		t.Errorf("pushing %s: %v", repo, err)
 	}
 }

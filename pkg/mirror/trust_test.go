@@ -44,43 +44,16 @@ func flipped(b []byte, i int) []byte {
 	return c
 }
 
-// serveBody answers GETs of path with body, in pieces with a pause after each so clients
-// join while it streams, and Content-Length set unless chunked.
-func (u *fakeUpstream) serveBody(path string, body []byte, piece int, pause time.Duration, chunked bool) *atomic.Int32 {
-	var gets atomic.Int32
-	u.setHook(func(w http.ResponseWriter, r *http.Request) bool {
-		if r.URL.Path != path || r.Method != http.MethodGet {
-			return false
-		}
-		gets.Add(1)
-		if !chunked {
-			w.Header().Set("Content-Length", fmt.Sprint(len(body)))
-		}
-		w.WriteHeader(http.StatusOK)
-		for i := 0; i < len(body); i += piece {
-			if _, err := w.Write(body[i:min(i+piece, len(body))]); err != nil {
-				return true
-			}
-			http.NewResponseController(w).Flush()
-			time.Sleep(pause)
-		}
-		return true
-	})
-	return &gets
-}
-
 // TestManifestByDigestOfALayer (issue 10.1): a cached layer asked for under manifests/
 // is not a manifest. It used to be read whole into memory and answered 200 with a
 // manifest content type.
 func TestManifestByDigestOfALayer(t *testing.T) {
 	up := newUpstream(t)
-	img := randomImage(t, 1<<20, 1)
-	up.push(t, "library/app", "v1", img)
-	tm := newMirror(t, map[string][]string{"docker.io": {up.srv.URL}})
+	img, layer := up.PushOneLayer("library/app", "v1", 1<<20)
+	tm := newMirror(t, map[string][]string{"docker.io": {up.URL()}})
 	tm.pull(t, "library/app:v1")
-	layers, _ := img.Layers()
-	ld, _ := layers[0].Digest()
-	if _, err := tm.store.Size(digest.Digest(ld.String())); err != nil {
+	ld := layer.Digest
+	if _, err := tm.store.Size(ld); err != nil {
 		t.Fatalf("layer not cached: %v", err)
 	}
 	for _, method := range []string{http.MethodGet, http.MethodHead} {
@@ -90,8 +63,7 @@ func TestManifestByDigestOfALayer(t *testing.T) {
 		}
 	}
 	// The image's own manifest is still served from cache.
-	md, _ := img.Digest()
-	if resp, _ := tm.get(t, http.MethodGet, "/v2/library/app/manifests/"+md.String()); resp.StatusCode != http.StatusOK {
+	if resp, _ := tm.get(t, http.MethodGet, "/v2/library/app/manifests/"+img.Digest.String()); resp.StatusCode != http.StatusOK {
 		t.Fatalf("manifest by digest: %d", resp.StatusCode)
 	}
 }
@@ -101,11 +73,11 @@ func TestManifestByDigestOfALayer(t *testing.T) {
 func TestStoredManifestOverLimitNotRead(t *testing.T) {
 	up := newUpstream(t)
 	img := randomImage(t, 1024, 1)
-	up.push(t, "library/app", "v1", img)
+	up.Push("library/app", "v1", img)
 	raw, _ := img.RawManifest()
 	md, _ := img.Digest()
 	dir := t.TempDir()
-	tm := newMirrorAt(t, dir, map[string][]string{"docker.io": {up.srv.URL}})
+	tm := newMirrorAt(t, dir, map[string][]string{"docker.io": {up.URL()}})
 	if resp, _ := tm.get(t, http.MethodGet, "/v2/library/app/manifests/"+md.String()); resp.StatusCode != http.StatusOK {
 		t.Fatalf("manifest: %d", resp.StatusCode)
 	}
@@ -125,14 +97,14 @@ func TestStoredManifestOverLimitNotRead(t *testing.T) {
 func TestListCacheBounded(t *testing.T) {
 	up := newUpstream(t)
 	img := randomImage(t, 1024, 1)
-	up.push(t, "library/app", "v1", img)
-	tm := newMirror(t, map[string][]string{"docker.io": {up.srv.URL}})
+	up.Push("library/app", "v1", img)
+	tm := newMirror(t, map[string][]string{"docker.io": {up.URL()}})
 	for _, q := range []string{"?n=5", "?n=05", "?n=5&junk=1", "?last=&n=5"} {
 		if resp, body := tm.get(t, http.MethodGet, "/v2/library/app/tags/list"+q); resp.StatusCode != 200 {
 			t.Fatalf("tags/list%s: %d %s", q, resp.StatusCode, body)
 		}
 	}
-	if n := up.requests(http.MethodGet, "/v2/library/app/tags/list"); n != 1 {
+	if n := up.CountPath(http.MethodGet, "/v2/library/app/tags/list"); n != 1 {
 		t.Fatalf("one list under four spellings took %d upstream requests, want 1", n)
 	}
 
@@ -162,7 +134,7 @@ func TestListCacheBounded(t *testing.T) {
 // grow without bound.
 func TestCheckedTagsBounded(t *testing.T) {
 	up := newUpstream(t)
-	tm := newMirror(t, map[string][]string{"docker.io": {up.srv.URL}})
+	tm := newMirror(t, map[string][]string{"docker.io": {up.URL()}})
 	for i := range 3 * maxChecked {
 		tm.markChecked(fmt.Sprint("docker.io/library/app:", i), time.Hour)
 	}
@@ -200,8 +172,8 @@ func TestRangeOnAMissIsVerified(t *testing.T) {
 				sent = flipped(sent, 1500)
 				sent = flipped(sent, len(sent)-50)
 			}
-			up.serveBody(path, sent, 16<<10, 5*time.Millisecond, false)
-			tm := newMirror(t, map[string][]string{"docker.io": {up.srv.URL}})
+			up.ServeSlowly(path, sent, 16<<10, 5*time.Millisecond, false)
+			tm := newMirror(t, map[string][]string{"docker.io": {up.URL()}})
 			status, body, clean := getRange(t, tm.srv.URL+path, tc.rng)
 			want, _ := requestedWindow(&http.Request{Header: http.Header{"Range": {tc.rng}}}, int64(len(blob)), "")
 			if tc.corrupt {
@@ -249,14 +221,14 @@ func TestPassThroughNeverUnverified(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			up := newUpstream(t)
-			up.setHook(func(w http.ResponseWriter, r *http.Request) bool {
+			up.SetHook(func(w http.ResponseWriter, r *http.Request) bool {
 				if r.URL.Path != path || r.Method != http.MethodGet {
 					return false
 				}
 				tc.answer(w, r)
 				return true
 			})
-			tm := newMirror(t, map[string][]string{"docker.io": {up.srv.URL}})
+			tm := newMirror(t, map[string][]string{"docker.io": {up.URL()}})
 			tm.store.SetBudget(contentstore.Budget{MaxBytes: 1}) // nothing fits: pass-through
 			status, body, clean := getRange(t, tm.srv.URL+path, tc.rng)
 			if tc.wantBody == nil {
@@ -285,10 +257,10 @@ func TestUnknownLengthStopsAtTheBudget(t *testing.T) {
 	d := digest.FromBytes(blob)
 	path := "/v2/library/app/blobs/" + d.String()
 	up := newUpstream(t)
-	gets := up.serveBody(path, blob, 256<<10, time.Millisecond, true)
+	gets := up.ServeSlowly(path, blob, 256<<10, time.Millisecond, true)
 	const budget = 8 << 20
 	dir := t.TempDir()
-	tm := newMirrorAt(t, dir, map[string][]string{"docker.io": {up.srv.URL}}, func(o *Options) { o.EagerFetch = -1 })
+	tm := newMirrorAt(t, dir, map[string][]string{"docker.io": {up.URL()}}, func(o *Options) { o.EagerFetch = -1 })
 	tm.store.SetBudget(contentstore.Budget{MaxBytes: budget})
 
 	var peak atomic.Int64
@@ -342,20 +314,20 @@ func dirBytes(dir string) int64 {
 func TestTagsListPaginationKeepsTheRegistry(t *testing.T) {
 	other := newUpstream(t) // docker.io, which has no team/app
 	ghcr := newUpstream(t)
-	ghcr.setHook(func(w http.ResponseWriter, r *http.Request) bool {
+	ghcr.SetHook(func(w http.ResponseWriter, r *http.Request) bool {
 		if r.URL.Path != "/v2/team/app/tags/list" {
 			return false
 		}
 		w.Header().Set("Content-Type", "application/json")
 		if r.URL.Query().Get("last") == "" {
-			w.Header().Set("Link", `<`+ghcr.srv.URL+`/v2/team/app/tags/list?last=a&n=1>; rel="next"`)
+			w.Header().Set("Link", `<`+ghcr.URL()+`/v2/team/app/tags/list?last=a&n=1>; rel="next"`)
 			fmt.Fprint(w, `{"name":"team/app","tags":["a"]}`)
 			return true
 		}
 		fmt.Fprint(w, `{"name":"team/app","tags":["b"]}`)
 		return true
 	})
-	tm := newMirror(t, map[string][]string{"docker.io": {other.srv.URL}, "ghcr.io": {ghcr.srv.URL}})
+	tm := newMirror(t, map[string][]string{"docker.io": {other.URL()}, "ghcr.io": {ghcr.URL()}})
 	for _, first := range []string{"/v2/team/app/tags/list?n=1&ns=ghcr.io", "/v2/ghcr.io/team/app/tags/list?n=1"} {
 		resp, body := tm.get(t, http.MethodGet, first)
 		if resp.StatusCode != 200 || !strings.Contains(string(body), `"a"`) {
@@ -372,7 +344,7 @@ func TestTagsListPaginationKeepsTheRegistry(t *testing.T) {
 		}
 	}
 	// A Link naming another endpoint than the list asked for is not handed to clients.
-	ghcr.setHook(func(w http.ResponseWriter, r *http.Request) bool {
+	ghcr.SetHook(func(w http.ResponseWriter, r *http.Request) bool {
 		if r.URL.Path != "/v2/team/app/tags/list" {
 			return false
 		}
@@ -392,12 +364,12 @@ func TestTagsListPaginationKeepsTheRegistry(t *testing.T) {
 func TestCountersAgree(t *testing.T) {
 	up := newUpstream(t)
 	img := randomImage(t, 1024, 1)
-	up.push(t, "library/app", "v1", img)
+	up.Push("library/app", "v1", img)
 	blob := bytes.Repeat([]byte("chunked "), 4096)
 	d := digest.FromBytes(blob)
 	path := "/v2/library/app/blobs/" + d.String()
-	up.serveBody(path, blob, 4096, 0, true)
-	tm := newMirror(t, map[string][]string{"docker.io": {up.srv.URL}}, func(o *Options) { o.EagerFetch = -1 })
+	up.ServeSlowly(path, blob, 4096, 0, true)
+	tm := newMirror(t, map[string][]string{"docker.io": {up.URL()}}, func(o *Options) { o.EagerFetch = -1 })
 
 	if resp, _ := tm.get(t, http.MethodGet, "/v2/library/app/tags/list"); resp.StatusCode != 200 {
 		t.Fatal(resp.Status)

@@ -3,7 +3,6 @@ package prefetch
 import (
 	"context"
 	"io"
-	"log"
 	"log/slog"
 	"net"
 	"net/http"
@@ -15,15 +14,13 @@ import (
 	"sync"
 	"testing"
 
-	"github.com/google/go-containerregistry/pkg/name"
-	"github.com/google/go-containerregistry/pkg/registry"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/empty"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/random"
-	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/opencontainers/go-digest"
 
+	"github.com/node-mirror/node-mirror/internal/testenv"
 	"github.com/node-mirror/node-mirror/pkg/contentstore"
 	"github.com/node-mirror/node-mirror/pkg/mirror"
 	"github.com/node-mirror/node-mirror/pkg/upstream"
@@ -32,21 +29,20 @@ import (
 // testMirror is a real mirror in front of a real registry, both on loopback.
 type testMirror struct {
 	url   string
-	up    *httptest.Server
+	up    *testenv.Upstream
 	store *contentstore.Store
 }
 
 func newTestMirror(t *testing.T, budget contentstore.Budget) *testMirror {
 	t.Helper()
-	up := httptest.NewServer(registry.New(registry.Logger(log.New(io.Discard, "", 0))))
-	t.Cleanup(up.Close)
+	up := testenv.NewUpstream(t)
 	store, err := contentstore.Open(t.TempDir())
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { store.Close() })
 	store.SetBudget(budget)
-	cl, err := upstream.New("docker.io", []string{up.URL}, "", "", upstream.Options{MaxAttempts: 1})
+	cl, err := upstream.New("docker.io", []string{up.URL()}, "", "", upstream.Options{MaxAttempts: 1})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -65,10 +61,8 @@ func newTestMirror(t *testing.T, budget contentstore.Budget) *testMirror {
 
 func (tm *testMirror) push(t *testing.T, repoTag string, img v1.Image) {
 	t.Helper()
-	ref, _ := name.ParseReference(strings.TrimPrefix(tm.up.URL, "http://")+"/"+repoTag, name.Insecure)
-	if err := remote.Write(ref, img); err != nil {
-		t.Fatal(err)
-	}
+	repo, tag, _ := strings.Cut(repoTag, ":")
+	tm.up.Push(repo, tag, img)
 }
 
 func (tm *testMirror) pushIndex(t *testing.T, repoTag string, images map[string]v1.Image) {
@@ -87,10 +81,8 @@ func (tm *testMirror) pushIndex(t *testing.T, repoTag string, images map[string]
 		}
 		adds = append(adds, mutate.IndexAddendum{Add: images[p], Descriptor: v1.Descriptor{Platform: pl}})
 	}
-	ref, _ := name.ParseReference(strings.TrimPrefix(tm.up.URL, "http://")+"/"+repoTag, name.Insecure)
-	if err := remote.WriteIndex(ref, mutate.AppendManifests(empty.Index, adds...)); err != nil {
-		t.Fatal(err)
-	}
+	repo, tag, _ := strings.Cut(repoTag, ":")
+	tm.up.PushIndex(repo, tag, mutate.AppendManifests(empty.Index, adds...))
 }
 
 func randomImage(t *testing.T, layers int) v1.Image {
@@ -282,14 +274,9 @@ func TestPassThroughIsAFailure(t *testing.T) {
 // TestAnswerWithoutCacheHeader: something that is not a node-mirror serves the bytes but
 // cannot say they were stored; that is not a success.
 func TestAnswerWithoutCacheHeader(t *testing.T) {
-	up := httptest.NewServer(registry.New(registry.Logger(log.New(io.Discard, "", 0))))
-	defer up.Close()
-	img := randomImage(t, 1)
-	ref, _ := name.ParseReference(strings.TrimPrefix(up.URL, "http://")+"/library/app:v1", name.Insecure)
-	if err := remote.Write(ref, img); err != nil {
-		t.Fatal(err)
-	}
-	res, err := Run(context.Background(), Options{MirrorURL: up.URL}, []string{"library/app:v1"})
+	up := testenv.NewUpstream(t)
+	img := up.Push("library/app", "v1", randomImage(t, 1)).Image
+	res, err := Run(context.Background(), Options{MirrorURL: up.URL()}, []string{"library/app:v1"})
 	if err == nil || res.Failed != len(blobsOf(t, img)) {
 		t.Fatalf("a plain registry taken for a mirror: %+v, %v", res, err)
 	}
@@ -300,7 +287,7 @@ func TestAnswerWithoutCacheHeader(t *testing.T) {
 func TestUpstreamOrMirrorDown(t *testing.T) {
 	tm := newTestMirror(t, contentstore.Budget{})
 	tm.push(t, "library/app:v1", randomImage(t, 1))
-	tm.up.Close()
+	tm.up.Stop()
 	res, err := Run(context.Background(), Options{MirrorURL: tm.url}, []string{"library/app:v1"})
 	if err == nil || res.Images != 0 || !strings.Contains(err.Error(), "UNAVAILABLE") {
 		t.Fatalf("upstream down: %+v, %v", res, err)

@@ -5,7 +5,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"log"
 	"log/slog"
 	"net"
 	"net/http"
@@ -18,15 +17,14 @@ import (
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/name"
-	"github.com/google/go-containerregistry/pkg/registry"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
-	"github.com/google/go-containerregistry/pkg/v1/random"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"golang.org/x/crypto/bcrypt"
 
+	"github.com/node-mirror/node-mirror/internal/testenv"
 	"github.com/node-mirror/node-mirror/pkg/admin"
 	"github.com/node-mirror/node-mirror/pkg/contentstore"
 	"github.com/node-mirror/node-mirror/pkg/metrics"
@@ -37,7 +35,7 @@ import (
 type env struct {
 	srv      *Server
 	url      string
-	upstream *httptest.Server
+	upstream *testenv.Upstream
 	reg      *prometheus.Registry
 }
 
@@ -46,8 +44,7 @@ func quiet() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)
 // newEnv runs a real registry as upstream and the whole server in front of a mirror.
 func newEnv(t *testing.T, mod func(*Options)) *env {
 	t.Helper()
-	up := httptest.NewServer(registry.New(registry.Logger(log.New(io.Discard, "", 0))))
-	t.Cleanup(up.Close)
+	up := testenv.NewUpstream(t)
 	store, err := contentstore.Open(t.TempDir())
 	if err != nil {
 		t.Fatal(err)
@@ -55,7 +52,7 @@ func newEnv(t *testing.T, mod func(*Options)) *env {
 	t.Cleanup(func() { store.Close() })
 	reg := prometheus.NewRegistry()
 	met := metrics.New(reg, func() (int64, int) { b, n, _ := store.Usage(context.Background()); return b, n })
-	cl, err := upstream.New("docker.io", []string{up.URL}, "", "", upstream.Options{Observe: met.ObserveUpstream("docker.io")})
+	cl, err := upstream.New("docker.io", []string{up.URL()}, "", "", upstream.Options{Observe: met.ObserveUpstream("docker.io")})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -80,17 +77,11 @@ func newEnv(t *testing.T, mod func(*Options)) *env {
 	return &env{srv: s, url: "http://" + ln.Addr().String(), upstream: up, reg: reg}
 }
 
-func push(t *testing.T, e *env, repo string, layerSize int64) v1.Image {
+// push pushes a random image of two layers of layerSize bytes as repoTag (repo:tag).
+func push(t *testing.T, e *env, repoTag string, layerSize int64) v1.Image {
 	t.Helper()
-	img, err := random.Image(layerSize, 2)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ref, _ := name.ParseReference(strings.TrimPrefix(e.upstream.URL, "http://")+"/"+repo, name.Insecure)
-	if err := remote.Write(ref, img); err != nil {
-		t.Fatal(err)
-	}
-	return img
+	repo, tag, _ := strings.Cut(repoTag, ":")
+	return e.upstream.PushRandomImage(repo, tag, 2, layerSize).Image
 }
 
 func pull(t *testing.T, e *env, repo string, opts ...remote.Option) error {

@@ -406,11 +406,10 @@ func TestDaemonSetRuns(t *testing.T) {
 		}
 	}
 
-	// Ports of our own for the example's 5000 (listen) and 9500 (metrics).
+	// The daemon listens on port 0 where the example says 5000 (listen) and 9500
+	// (metrics), and tells which ports it bound; the init container writes the example's
+	// URL into files, which nothing here dials.
 	ports := map[string]string{}
-	for _, p := range []string{"5000", "9500"} {
-		_, ports[p], _ = net.SplitHostPort(freeAddr(t))
-	}
 
 	// rewrite maps an argument from the container's view to ours.
 	rewrite := func(c container, env map[string]string, a string) string {
@@ -445,7 +444,7 @@ func TestDaemonSetRuns(t *testing.T) {
 	if err != nil {
 		t.Fatalf("init container: node-mirror %s: %v\n%s", strings.Join(args, " "), err, out)
 	}
-	mirrorURL := "http://127.0.0.1:" + ports["5000"]
+	mirrorURL := flagValue(argv, "--mirror-url")
 	for _, reg := range []string{"docker.io", "registry.k8s.io"} {
 		h, err := os.ReadFile(filepath.Join(node, "etc/containerd/certs.d", reg, "hosts.toml"))
 		if err != nil || !bytes.Contains(h, []byte(mirrorURL)) {
@@ -457,6 +456,7 @@ func TestDaemonSetRuns(t *testing.T) {
 	}
 
 	// The main container.
+	ports = map[string]string{"5000": "0", "9500": "0"}
 	env := map[string]string{}
 	for _, e := range main.Env {
 		switch {
@@ -475,12 +475,16 @@ func TestDaemonSetRuns(t *testing.T) {
 	for _, a := range argv[1:] {
 		args = append(args, rewrite(main, env, a))
 	}
+	ready := filepath.Join(t.TempDir(), "ready")
+	args = append(args, "--ready-file", ready)
 	cmd := asContainer(t, args...)
 	cmd.Env = os.Environ()
 	for k, v := range env {
 		cmd.Env = append(cmd.Env, k+"="+v)
 	}
 	d := startDaemon(t, cmd)
+	_, ports["5000"], _ = net.SplitHostPort(d.readyAddr(t, ready, 30*time.Second))
+	_, ports["9500"], _ = net.SplitHostPort(d.loggedAddr(t, "serving metrics-listen", 10*time.Second))
 	probeURL := func(p *probe) string {
 		return fmt.Sprintf("http://%s:%s%s", p.HTTPGet.Host, ports[strconv.Itoa(p.HTTPGet.Port)], p.HTTPGet.Path)
 	}

@@ -9,9 +9,9 @@ package service
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -71,17 +71,6 @@ func needTool(t testing.TB, tool, pkg string) string {
 		t.Fatalf("%s not found: apt-get install %s", tool, pkg)
 	}
 	return p
-}
-
-// freeAddr returns a loopback address nothing listens on (for the moment).
-func freeAddr(t testing.TB) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
 }
 
 // daemon is a node-mirror process whose output is kept and searchable.
@@ -155,6 +144,51 @@ func (d *daemon) waitLog(t testing.TB, s string, timeout time.Duration) {
 	}
 }
 
+// readyAddr waits until the daemon, started with --listen on port 0 and --ready-file
+// file, has written the address it bound there, and returns it.
+func (d *daemon) readyAddr(t testing.TB, file string, timeout time.Duration) string {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		if b, err := os.ReadFile(file); err == nil {
+			return strings.TrimSpace(string(b))
+		}
+		select {
+		case <-d.done:
+			t.Fatalf("daemon exited (%v) before writing its --ready-file", d.err)
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("daemon did not write its --ready-file within %s", timeout)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// loggedAddr waits until the daemon, logging JSON, has logged msg, and returns the line's
+// "listen" attribute: where a side listener (--metrics-listen) bound port 0.
+func (d *daemon) loggedAddr(t testing.TB, msg string, timeout time.Duration) string {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		for _, line := range strings.Split(d.output(), "\n") {
+			var rec struct{ Msg, Listen string }
+			if json.Unmarshal([]byte(line), &rec) == nil && rec.Msg == msg && rec.Listen != "" {
+				return rec.Listen
+			}
+		}
+		select {
+		case <-d.done:
+			t.Fatalf("daemon exited (%v) before logging %q", d.err, msg)
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("daemon did not log %q with a listen address within %s", msg, timeout)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
 // signal sends sig to the node-mirror process.
 func (d *daemon) signal(t testing.TB, sig syscall.Signal) {
 	t.Helper()
@@ -163,24 +197,35 @@ func (d *daemon) signal(t testing.TB, sig syscall.Signal) {
 	}
 }
 
-// traced makes d.pid the child of cmd (strace), once it has one.
-func (d *daemon) traced(t testing.TB) {
+// traced makes d.pid the child of cmd (strace) that runs bin, once it has one. strace
+// forks a short-lived helper before the tracee, and the tracee runs strace's own image
+// until its exec: the first child seen need not be the daemon.
+func (d *daemon) traced(t testing.TB, bin string) {
 	t.Helper()
+	want, err := filepath.EvalSymlinks(bin)
+	if err != nil {
+		t.Fatal(err)
+	}
 	p := fmt.Sprintf("/proc/%d/task/%d/children", d.pid, d.pid)
-	for range 200 {
+	deadline := time.Now().Add(30 * time.Second)
+	for {
 		b, err := os.ReadFile(p)
 		if err != nil {
-			t.Fatal(err)
+			t.Fatalf("%v (did strace exit?)", err)
 		}
-		if f := strings.Fields(string(b)); len(f) > 0 {
-			if _, err := fmt.Sscan(f[0], &d.pid); err != nil {
-				t.Fatal(err)
+		for _, f := range strings.Fields(string(b)) {
+			if exe, err := os.Readlink("/proc/" + f + "/exe"); err == nil && exe == want {
+				if _, err := fmt.Sscan(f, &d.pid); err != nil {
+					t.Fatal(err)
+				}
+				return
 			}
-			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: no child running %s within 30 s (children: %q)", p, want, b)
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	t.Fatalf("%s: no child after 2 s", p)
 }
 
 // stop sends SIGTERM (as systemd does) and waits for a clean exit.

@@ -4,12 +4,9 @@ import (
 	"bufio"
 	"bytes"
 	"fmt"
-	"io"
-	"log"
 	"maps"
 	"net"
 	"net/http"
-	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -21,10 +18,10 @@ import (
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/name"
-	"github.com/google/go-containerregistry/pkg/registry"
-	"github.com/google/go-containerregistry/pkg/v1/random"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/validate"
+
+	"github.com/node-mirror/node-mirror/internal/testenv"
 )
 
 // unitFile is a parsed systemd unit: section → key → values in order.
@@ -200,19 +197,8 @@ func TestUnitSandboxFitsDaemon(t *testing.T) {
 	u := readUnit(t)
 
 	// Upstream: an in-process registry on loopback with one image.
-	reg := httptest.NewServer(registry.New(registry.Logger(log.New(io.Discard, "", 0))))
-	defer reg.Close()
-	img, err := random.Image(1<<20, 3)
-	if err != nil {
-		t.Fatal(err)
-	}
-	upRef, err := name.ParseReference(strings.TrimPrefix(reg.URL, "http://")+"/library/app:1", name.Insecure)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := remote.Write(upRef, img); err != nil {
-		t.Fatal(err)
-	}
+	up := testenv.NewUpstream(t)
+	up.PushRandomImage("library/app", "1", 3, 1<<20)
 
 	dir := t.TempDir()
 	data, tmp := filepath.Join(dir, "data"), filepath.Join(dir, "tmp")
@@ -221,11 +207,13 @@ func TestUnitSandboxFitsDaemon(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	listen := freeAddr(t)
+	// Port 0: the daemon writes the address it bound to --ready-file (in the sandbox's
+	// TMPDIR, where the unit lets it write).
+	readyFile := filepath.Join(tmp, "ready")
 	conf := filepath.Join(dir, "config.toml")
 	writeConf := func(extra string) {
 		t.Helper()
-		c := fmt.Sprintf("listen = %q\n[[registry]]\nname = \"docker.io\"\nendpoints = [%q]\n%s", listen, reg.URL, extra)
+		c := fmt.Sprintf("listen = \"127.0.0.1:0\"\n[[registry]]\nname = \"docker.io\"\nendpoints = [%q]\n%s", up.URL(), extra)
 		if err := os.WriteFile(conf, []byte(c), 0o644); err != nil {
 			t.Fatal(err)
 		}
@@ -253,10 +241,10 @@ func TestUnitSandboxFitsDaemon(t *testing.T) {
 
 	trace := filepath.Join(dir, "trace")
 	cmd := exec.Command(strace, "-f", "-qq", "-s", "4096", "-o", trace,
-		nodeMirrorBin, "serve", "--config", conf, "--data-dir", data)
+		nodeMirrorBin, "serve", "--config", conf, "--data-dir", data, "--ready-file", readyFile)
 	cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+notifyPath, "TMPDIR="+tmp)
 	d := startDaemon(t, cmd)
-	d.traced(t)
+	d.traced(t, nodeMirrorBin)
 
 	select {
 	case m := <-ready:
@@ -269,6 +257,7 @@ func TestUnitSandboxFitsDaemon(t *testing.T) {
 		t.Fatal("no READY=1 on $NOTIFY_SOCKET within 30 s")
 	}
 	// READY=1 promises a listening port and an open store.
+	listen := d.readyAddr(t, readyFile, 10*time.Second)
 	waitStatus(t, "http://"+listen+"/readyz", http.StatusOK, time.Second)
 
 	mirrorRef, err := name.ParseReference(listen+"/library/app:1", name.Insecure)
