@@ -541,9 +541,8 @@ func TestPeerAPIStreamsExactlyTheRange(t *testing.T) {
 			if resp.ContentLength != tt.n {
 				t.Fatalf("Content-Length %d, want %d", resp.ContentLength, tt.n)
 			}
-			v, _ := sent.Load("node-a")
-			if v == nil || v.(*atomic.Int64).Load() != tt.n {
-				t.Fatalf("bytes counted out to node-a: %v, want %d", v, tt.n)
+			if got := countedOut(sent, "node-a", tt.n); got != tt.n {
+				t.Fatalf("bytes counted out to node-a: %d, want %d", got, tt.n)
 			}
 		})
 	}
@@ -810,12 +809,26 @@ func TestPeerAPIServesManifests(t *testing.T) {
 			if err != nil || !bytes.Equal(got, tt.body) {
 				t.Fatalf("read %d bytes (err %v), want the %d of the manifest", len(got), err, len(tt.body))
 			}
-			if v == nil || v.(*atomic.Int64).Load() != int64(len(tt.body)) {
-				t.Fatalf("bytes counted out to node-a: %v, want %d", v, len(tt.body))
+			if got := countedOut(sent, "node-a", int64(len(tt.body))); got != int64(len(tt.body)) {
+				t.Fatalf("bytes counted out to node-a: %d, want %d", got, len(tt.body))
 			}
 			if c := src.mcalls; len(c) != 1 || c[0] != manifestReq(d) {
 				t.Fatalf("source asked %+v", c)
 			}
 		})
 	}
+}
+
+// countedOut waits for the bytes counted out to peer to reach want and returns the count:
+// the handler counts after its last write, which the client can have read by then.
+func countedOut(sent *sync.Map, peer string, want int64) int64 {
+	var got int64
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+		if v, ok := sent.Load(peer); ok {
+			if got = v.(*atomic.Int64).Load(); got == want {
+				break
+			}
+		}
+	}
+	return got
 }
