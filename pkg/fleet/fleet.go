@@ -560,10 +560,23 @@ func (f *Fleet) tellLeaving() {
 	msg := append([]byte(leavingMsg), f.name...)
 	sem := make(chan struct{}, 16)
 	var wg sync.WaitGroup
-	for _, n := range f.ml.Members() {
-		if n.Name == f.name {
+	// Not f.ml.Members(): its nodes are memberlist's own records, which it rewrites under
+	// its lock while gossip arrives (other members leaving at the same time), and
+	// SendReliable reads them without it. Copies from our table, taken under our lock.
+	var to []*memberlist.Node
+	f.mu.Lock()
+	for _, p := range f.peers {
+		if p.Self || (p.State != StateAlive && p.State != StateLeaving) {
 			continue
 		}
+		host, port, err := net.SplitHostPort(p.GossipAddr)
+		pn, perr := strconv.ParseUint(port, 10, 16)
+		if ip := net.ParseIP(host); err == nil && perr == nil && ip != nil {
+			to = append(to, &memberlist.Node{Name: p.Name, Addr: ip, Port: uint16(pn)})
+		}
+	}
+	f.mu.Unlock()
+	for _, n := range to {
 		sem <- struct{}{}
 		wg.Go(func() {
 			defer func() { <-sem }()
