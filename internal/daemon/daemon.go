@@ -180,9 +180,9 @@ func New(o Options) (*Daemon, error) {
 // network: it serves members only, and every request is signed with the fleet key.
 func (d *Daemon) startFleet(cfg config.Config, reg prometheus.Registerer) error {
 	fc := cfg.Fleet
-	key, err := fleet.LoadKey(fc.KeyFile)
+	key, err := fleet.LoadKey(fc.KeyFile) // its errors name the file
 	if err != nil {
-		return fmt.Errorf("fleet key: %w", err)
+		return err
 	}
 	if d.peerLn, err = net.Listen("tcp", fc.PeerListen); err != nil {
 		return fmt.Errorf("--peer-listen: %w", err)

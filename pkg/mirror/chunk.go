@@ -13,6 +13,7 @@ import (
 
 	"github.com/opencontainers/go-digest"
 
+	"github.com/node-mirror/node-mirror/pkg/fleet"
 	"github.com/node-mirror/node-mirror/pkg/upstream"
 	"github.com/node-mirror/node-mirror/pkg/upstream/netguard"
 )
@@ -162,6 +163,7 @@ func (r *chunkReader) Close() error {
 // rangeSource is where a chunk's bytes can come from: upstream, or a member of the fleet.
 type rangeSource struct {
 	peer     string // "" for upstream
+	hop      int    // 1 when asking the previous owner: a miss there is no fallback
 	attempts int
 	// open returns [from, to) of the blob.
 	open func(ctx context.Context, from, to int64) (io.ReadCloser, error)
@@ -178,7 +180,9 @@ func (m *Mirror) fill(ctx context.Context, rt route, c *chunk, srcs []rangeSourc
 				return err
 			}
 			if src.peer != "" && i+1 < len(srcs) {
-				m.peerFallback(err)
+				if src.hop == 0 || !errors.Is(err, fleet.ErrNotFound) {
+					m.peerFallback(err)
+				}
 				m.log.Debug("member failed a chunk, trying the next source", "digest", c.dgst, "start", c.start, "peer", src.peer, "err", err)
 				break
 			}

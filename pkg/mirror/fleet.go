@@ -193,7 +193,7 @@ func (m *Mirror) fleetSources(rt route, dgst digest.Digest, size int64, c *chunk
 }
 
 func (m *Mirror) peerSource(member fleet.Member, rt route, dgst digest.Digest, size int64, hop int) rangeSource {
-	return rangeSource{peer: member.Name, attempts: 1, open: func(ctx context.Context, from, to int64) (io.ReadCloser, error) {
+	return rangeSource{peer: member.Name, hop: hop, attempts: 1, open: func(ctx context.Context, from, to int64) (io.ReadCloser, error) {
 		return m.opts.Fleet.Fetch(ctx, member, fleet.ChunkRequest{
 			Registry: rt.registry, Repo: rt.repo, Digest: dgst, Size: size, Offset: from, Length: to - from, Hop: hop,
 		})
