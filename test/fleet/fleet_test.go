@@ -44,9 +44,15 @@ func TestFleetProcesses(t *testing.T) {
 		pullAll(t, nodes, v1)
 		size := blobBytes(t, v1)
 		sent := c.meter.sent.Load()
-		t.Logf("4 members pulled %d blob bytes each; the upstream sent %d (%.2fx)", size, sent, float64(sent)/float64(size))
-		if float64(sent) > 1.1*float64(size) {
-			t.Errorf("the upstream sent %d blob bytes for an image of %d to 4 members, want at most 1.1x", sent, size)
+		// A member that timed out on its owner (a loaded machine can stall a race build
+		// for seconds) fetches the rest of that chunk upstream: at most a chunk each.
+		var timeouts float64
+		for _, n := range nodes {
+			timeouts += n.m.Metrics(t).Sum("node_mirror_peer_fallbacks_total", "reason=timeout")
+		}
+		t.Logf("4 members pulled %d blob bytes each; the upstream sent %d (%.2fx); %v timeouts", size, sent, float64(sent)/float64(size), timeouts)
+		if limit := 1.1*float64(size) + timeouts*chunkSize; float64(sent) > limit {
+			t.Errorf("the upstream sent %d blob bytes for an image of %d to 4 members, want at most 1.1x (and a chunk per timeout)", sent, size)
 		}
 		for _, n := range nodes {
 			waitStored(t, n, v1)
@@ -97,6 +103,19 @@ func TestFleetProcesses(t *testing.T) {
 				}
 				survivors = append(survivors, n)
 			}
+		}
+		// While they pull, `status` lists their downloads in flight: the second image's
+		// layers, partly stored.
+		layers := layerSizes(t, v2)
+		st := survivors[0].status(t)
+		active := 0
+		for _, a := range st.Mirror.Active {
+			if size, ok := layers[a.Digest]; ok && a.Registry == "docker.io" && a.Repo == "library/app" && a.Size == size && a.Stored < size {
+				active++
+			}
+		}
+		if active == 0 || st.Mirror.Downloads < active {
+			t.Errorf("%s is pulling the second image, but status lists %d downloads: %+v", survivors[0].name, st.Mirror.Downloads, st.Mirror.Active)
 		}
 		wg.Wait()
 		for i, n := range nodes {
@@ -261,8 +280,10 @@ func checkAddresses(t *testing.T, nodes []*node) {
 func checkTruth(t *testing.T, nodes []*node, size, sent int64) {
 	t.Helper()
 	sts := map[string]status{}
+	var anyFallback float64
 	for _, n := range nodes {
 		sts[n.name] = n.status(t)
+		anyFallback += n.m.Metrics(t).Sum("node_mirror_peer_fallbacks_total")
 	}
 	var totalIn, fetched float64
 	for _, n := range nodes {
@@ -289,8 +310,10 @@ func checkTruth(t *testing.T, nodes []*node, size, sent int64) {
 				t.Errorf("%s is not listed by %s", n.name, m.Name)
 				continue
 			}
-			if m.BytesIn != other.BytesOut {
-				t.Errorf("%s counts %d bytes in from %s, which counts %d bytes out to it", n.name, m.BytesIn, m.Name, other.BytesOut)
+			// Bytes out are what went into the connection: a member that gave up on a
+			// stalled transfer (a timeout) read less than that.
+			if m.BytesIn > other.BytesOut || (anyFallback == 0 && m.BytesIn != other.BytesOut) {
+				t.Errorf("%s counts %d bytes in from %s, which counts %d bytes out to it (%v fallbacks)", n.name, m.BytesIn, m.Name, other.BytesOut, anyFallback)
 			}
 		}
 		for _, c := range []struct {

@@ -131,6 +131,7 @@ func (c *cluster) start(name string, join ...string) *node {
 	if len(join) > 0 {
 		args = append(args, "--join", strings.Join(join, ","))
 	}
+	// FLEET_TEST_LOG=debug shows each member's fallbacks and refusals in the test log.
 	m := testenv.StartMirror(c.t, testenv.MirrorOptions{Upstreams: []string{c.up.Flag("docker.io")}, Args: args, LogLevel: os.Getenv("FLEET_TEST_LOG")})
 	n := &node{name: name, m: m}
 	c.nodes = append(c.nodes, n)
@@ -163,6 +164,13 @@ func (c *cluster) stopAll() {
 type status struct {
 	Mirror struct {
 		Downloads int `json:"downloads"`
+		Active    []struct {
+			Digest   string `json:"digest"`
+			Registry string `json:"registry"`
+			Repo     string `json:"repo"`
+			Size     int64  `json:"size"`
+			Stored   int64  `json:"stored"`
+		} `json:"active"`
 	} `json:"mirror"`
 	Fleet []memberStatus `json:"fleet"`
 }
@@ -335,6 +343,26 @@ func pull(ctx context.Context, n *node, img testenv.Image) error {
 	wg.Wait()
 	close(errs)
 	return <-errs
+}
+
+// layerSizes maps each layer's digest to its size.
+func layerSizes(t *testing.T, img testenv.Image) map[string]int64 {
+	t.Helper()
+	ls, err := img.Image.Layers()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sizes := map[string]int64{}
+	for _, l := range ls {
+		d, err := l.Digest()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if sizes[d.String()], err = l.Size(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return sizes
 }
 
 // blobBytes is the size of the image's config and layers: what a pull downloads besides
