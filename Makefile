@@ -65,9 +65,10 @@ crictl: $(CRICTL_DIR)/crictl
 # Real engines, as root: containerd 1.6 and 2.4 (ctr and CRI through crictl), skopeo,
 # Docker and Podman from Debian, each pulling through the daemon. The memory test in
 # test/daemon measures a build without the race detector (NODE_MIRROR_PLAIN_BIN).
+# test/fleet runs a fleet of daemons on loopback (kill -9 mid-pull, a late joiner).
 e2e: build build-race containerd2 crictl
 	CONTAINERD2_DIR=$(CONTAINERD2_DIR) CRICTL_BIN=$(CRICTL_DIR)/crictl NODE_MIRROR_BIN=$(CURDIR)/$(RACE_BIN) \
-	  NODE_MIRROR_PLAIN_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 -timeout 20m ./test/e2e/... ./test/daemon/...
+	  NODE_MIRROR_PLAIN_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 -timeout 20m ./test/e2e/... ./test/daemon/... ./test/fleet/...
 
 # Both versions of the OCI conformance suite, the current one and the 2023 one (built from
 # the module proxy outside our go.mod), cold, warm and through the path prefix.

@@ -21,8 +21,9 @@ const (
 	MountBin   = "/usr/bin/mount"
 )
 
-// Mount is one mount of a MountNS: Source bind-mounted over Target. Target must exist on
-// the host; the mount is seen only inside the namespace.
+// Mount is one mount of a MountNS: Source bind-mounted over Target, a directory over a
+// directory or a file over a file (/etc/hosts). Target must exist on the host; the mount
+// is seen only inside the namespace.
 type Mount struct {
 	Source, Target string
 }
@@ -79,8 +80,12 @@ func NewMountNS(t testing.TB, mounts ...Mount) *MountNS {
 	}
 	n.id = id
 	for _, m := range mounts {
-		if fi, err := os.Stat(m.Target); err != nil || !fi.IsDir() {
-			t.Fatalf("mount target %s must be a directory on the host: %v", m.Target, err)
+		src, err := os.Stat(m.Source)
+		if err != nil {
+			t.Fatalf("mount source: %v", err)
+		}
+		if fi, err := os.Stat(m.Target); err != nil || fi.IsDir() != src.IsDir() {
+			t.Fatalf("mount target %s must exist on the host and be a directory if and only if %s is: %v", m.Target, m.Source, err)
 		}
 		// --no-mtab: libmount would otherwise create /run/mount, on the host's /run until
 		// a private one is mounted.
