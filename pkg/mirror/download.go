@@ -149,9 +149,9 @@ func (m *Mirror) fetchBlob(d *download, rt route) error {
 		}
 	}
 	res.Wrote(in.Offset)
-	d.size = size
 	d.ingest = in
-	d.mu.Lock()
+	d.mu.Lock() // status reads size before ready is closed
+	d.size = size
 	d.written = in.Offset // a resumed ingest already holds these bytes
 	d.mu.Unlock()
 	start(nil)
@@ -223,8 +223,9 @@ func (m *Mirror) fetchBlobFleet(ctx context.Context, d *download, rt route, size
 	d.res = res
 	defer res.Release()
 	res.Wrote(in.Offset)
-	d.size, d.ingest = size, in
-	d.mu.Lock()
+	d.ingest = in
+	d.mu.Lock() // status reads size before ready is closed
+	d.size = size
 	d.written = in.Offset
 	d.mu.Unlock()
 	start(nil)

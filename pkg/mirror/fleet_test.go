@@ -73,7 +73,7 @@ func startMember(t *testing.T, name string, up *testenv.Upstream, key []byte, jo
 	}
 	m, err := New(Options{
 		Store: store, Registries: map[string]*upstream.Client{"docker.io": c}, DefaultRegistry: "docker.io",
-		Logger: testLogger(), Fleet: f, FetchChunkSize: testChunk, EagerFetch: -1,
+		Logger: testLogger(), Fleet: f, FetchChunkSize: testChunk, EagerFetch: 0,
 	})
 	if err != nil {
 		t.Fatal(err)

@@ -156,22 +156,8 @@ func TestDiskFillsMidDownload(t *testing.T) {
 		return true
 	})
 	tm := newMirrorAt(t, filepath.Join(dir, "data"), map[string][]string{"docker.io": {up.URL()}},
-		func(o *Options) { o.EagerFetch = -1 })
-	go func() {
-		defer close(filled)
-		<-half
-		// Fill the disk only once the download holds the first half: filled earlier, the
-		// room reservation fails first and the blob is passed through whole, which is
-		// right but not the mid-download case this test is about.
-		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
-			if downloadedAtLeast(tm, int64(len(want)/2)) {
-				break
-			}
-		}
-		if err := fill(dir, 0); err != nil {
-			t.Error(err)
-		}
-	}()
+		func(o *Options) { o.EagerFetch = 0 })
+	go fillMidDownload(t, tm, dir, int64(len(want)/2), half, filled)
 	status, body, clean := fetch(t, tm.srv.URL+path)
 	if status != http.StatusOK || !clean || !bytes.Equal(body, want) {
 		t.Fatalf("status %d clean %v equal %v", status, clean, bytes.Equal(body, want))
@@ -186,6 +172,22 @@ func TestDiskFillsMidDownload(t *testing.T) {
 		t.Fatal("the response was not finished from upstream; the test proves nothing")
 	}
 	assertStoreIntact(t, tm)
+}
+
+// fillMidDownload fills the disk under dir once half is closed and a download holds n
+// bytes, then closes filled. Filled earlier, the room reservation fails first and the
+// blob is passed through whole, which is right but not the mid-download case.
+func fillMidDownload(t *testing.T, tm *testMirror, dir string, n int64, half <-chan struct{}, filled chan<- struct{}) {
+	defer close(filled)
+	<-half
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+		if downloadedAtLeast(tm, n) {
+			break
+		}
+	}
+	if err := fill(dir, 0); err != nil {
+		t.Error(err)
+	}
 }
 
 // downloadedAtLeast reports whether a download in flight has written n bytes.
@@ -322,19 +324,8 @@ func TestDiskFillsMidDownloadRangeIgnored(t *testing.T) {
 		return true
 	})
 	tm := newMirrorAt(t, filepath.Join(dir, "data"), map[string][]string{"docker.io": {up.URL()}},
-		func(o *Options) { o.EagerFetch = -1 })
-	go func() {
-		defer close(filled)
-		<-half
-		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
-			if downloadedAtLeast(tm, int64(len(want)/2)) {
-				break
-			}
-		}
-		if err := fill(dir, 0); err != nil {
-			t.Error(err)
-		}
-	}()
+		func(o *Options) { o.EagerFetch = 0 })
+	go fillMidDownload(t, tm, dir, int64(len(want)/2), half, filled)
 	status, body, clean := fetch(t, tm.srv.URL+path)
 	if status == http.StatusOK && clean {
 		t.Fatalf("a complete 200 of %d bytes (right: %v) although the client got a corrupt first half", len(body), bytes.Equal(body, want))

@@ -116,7 +116,7 @@ func (rb *rangedBlob) stats() (requests, peak int, sent int64) {
 // withChunks sets a small ranged fetch for tests.
 func withChunks(concurrency int, chunk int64) mirrorOpt {
 	return func(o *Options) {
-		o.FetchConcurrency, o.FetchChunkSize, o.EagerFetch = concurrency, chunk, -1
+		o.FetchConcurrency, o.FetchChunkSize, o.EagerFetch = concurrency, chunk, 0
 	}
 }
 

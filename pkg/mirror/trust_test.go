@@ -260,7 +260,7 @@ func TestUnknownLengthStopsAtTheBudget(t *testing.T) {
 	gets := up.ServeSlowly(path, blob, 256<<10, time.Millisecond, true)
 	const budget = 8 << 20
 	dir := t.TempDir()
-	tm := newMirrorAt(t, dir, map[string][]string{"docker.io": {up.URL()}}, func(o *Options) { o.EagerFetch = -1 })
+	tm := newMirrorAt(t, dir, map[string][]string{"docker.io": {up.URL()}}, func(o *Options) { o.EagerFetch = 0 })
 	tm.store.SetBudget(contentstore.Budget{MaxBytes: budget})
 
 	var peak atomic.Int64
@@ -369,7 +369,7 @@ func TestCountersAgree(t *testing.T) {
 	d := digest.FromBytes(blob)
 	path := "/v2/library/app/blobs/" + d.String()
 	up.ServeSlowly(path, blob, 4096, 0, true)
-	tm := newMirror(t, map[string][]string{"docker.io": {up.URL()}}, func(o *Options) { o.EagerFetch = -1 })
+	tm := newMirror(t, map[string][]string{"docker.io": {up.URL()}}, func(o *Options) { o.EagerFetch = 0 })
 
 	if resp, _ := tm.get(t, http.MethodGet, "/v2/library/app/tags/list"); resp.StatusCode != 200 {
 		t.Fatal(resp.Status)

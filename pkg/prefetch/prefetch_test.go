@@ -47,7 +47,7 @@ func newTestMirror(t *testing.T, budget contentstore.Budget) *testMirror {
 		t.Fatal(err)
 	}
 	m, err := mirror.New(mirror.Options{Store: store, Registries: map[string]*upstream.Client{"docker.io": cl},
-		DefaultRegistry: "docker.io", Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), EagerFetch: -1})
+		DefaultRegistry: "docker.io", Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), EagerFetch: 0})
 	if err != nil {
 		t.Fatal(err)
 	}
