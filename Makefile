@@ -14,7 +14,8 @@ CRICTL_DIR     := $(CURDIR)/.cache/crictl-$(CRICTL_VERSION)
 # Every fuzz target, as package:Target; `make fuzz` runs each for FUZZTIME.
 FUZZ_TARGETS := ./pkg/mirror:FuzzParseRoute ./pkg/hosts:FuzzMergeHostsTOML ./pkg/hosts:FuzzSetConfigPath \
                 ./pkg/hosts:FuzzMergeDaemonJSON ./pkg/hosts:FuzzDropIn ./pkg/hosts:FuzzRegistryName \
-                ./pkg/upstream/netguard:FuzzPolicy ./pkg/fleet:FuzzParseChunkRequest
+                ./pkg/upstream/netguard:FuzzPolicy ./pkg/fleet:FuzzParseChunkRequest ./pkg/fleet:FuzzParseManifestRequest \
+                ./pkg/fleet:FuzzParseMediaType
 DATA_DIR ?= $(CURDIR)/data
 LISTEN   ?= 127.0.0.1:5000
 PKGS     := ./...
