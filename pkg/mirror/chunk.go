@@ -62,13 +62,16 @@ func (c *chunk) wake() {
 }
 
 // claim makes the caller the chunk's filler unless another fill runs or it is complete.
+// Until the fill says where it reads from, the chunk counts as coming from a member: a
+// member asking this node as the previous owner must not wait on it (it may be the very
+// member this fill is about to ask, and the two would wait on each other).
 func (c *chunk) claim() bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.filling || c.have == c.size() || c.closed {
 		return false
 	}
-	c.filling, c.err = true, nil
+	c.filling, c.viaPeer, c.err = true, true, nil
 	return true
 }
 

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -395,4 +396,31 @@ func (l *logCount) count(msg string) int {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.n[msg]
+}
+
+// TestPreviousOwnerDoesNotWaitOnAClaimedChunk: a member asking this node as the previous
+// owner (hop 1) for a chunk this node has just claimed, before its fill named a source,
+// gets "not here" at once. Served instead, the two members could wait on each other until
+// the idle timeout (make bench caught it in a third of its fleet runs).
+func TestPreviousOwnerDoesNotWaitOnAClaimedChunk(t *testing.T) {
+	up := testenv.NewUpstream(t)
+	a := startMember(t, "a", up, fleetKey(t), nil, nil)
+	blob := bytes.Repeat([]byte("x"), 2*testChunk)
+	d := digest.FromBytes(blob)
+	c, _ := a.chunks.chunk(d, 1, int64(len(blob)), testChunk, true)
+	defer c.release()
+	if !c.claim() {
+		t.Fatal("could not claim a new chunk")
+	}
+	defer c.unclaim(nil)
+	req := fleet.ChunkRequest{Registry: "docker.io", Repo: "library/app", Digest: d, Size: int64(len(blob)),
+		Offset: testChunk, Length: testChunk, Hop: 1}
+	r, err := a.OpenChunk(context.Background(), req)
+	if err == nil {
+		r.Close()
+		t.Fatal("a hop-1 request was served from a chunk whose fill has not said where it reads from")
+	}
+	if !errors.Is(err, fleet.ErrNotFound) {
+		t.Fatalf("hop-1 request: %v, want not found", err)
+	}
 }
