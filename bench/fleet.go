@@ -451,7 +451,11 @@ func (b *bench) fleetSize(ctx context.Context, n int, size int64) error {
 				return fmt.Errorf("%s run %d: %w", g.name, r+1, err)
 			}
 			down := waitQuiet(ctx, g.th, 500*time.Millisecond, time.Minute) - before
-			uplinkDone := stopWatch().reached(before + down - 1<<20)
+			trace := stopWatch()
+			uplinkDone := trace.reached(before + down - 1<<20)
+			if b.o.keep { // the upstream's rate and connections over the run, for inspection
+				trace.write(filepath.Join(b.work, "fleet", fmt.Sprintf("%s-run-%d.csv", g.name, r+1)))
+			}
 			var rss int64
 			for _, s := range g.nodes {
 				rss = max(rss, peakRSS(s.pid()))
@@ -522,6 +526,17 @@ type byteTrace struct {
 	start   time.Time
 	at      []time.Duration
 	counter []int64
+	conns   []int // the throttle's open connections
+}
+
+// write saves the trace as CSV (seconds, bytes since the start, open connections).
+func (t byteTrace) write(file string) error {
+	var b strings.Builder
+	b.WriteString("seconds,bytes,connections\n")
+	for i := range t.at {
+		fmt.Fprintf(&b, "%.3f,%d,%d\n", t.at[i].Seconds(), t.counter[i]-t.counter[0], t.conns[i])
+	}
+	return os.WriteFile(file, []byte(b.String()), 0o644)
 }
 
 // reached is how long after the start the counter first stood at n or more (the last
@@ -551,6 +566,7 @@ func watchBytes(th *throttle, interval time.Duration) func() byteTrace {
 		for {
 			tr.at = append(tr.at, time.Since(tr.start))
 			tr.counter = append(tr.counter, th.down.Load())
+			tr.conns = append(tr.conns, th.active())
 			select {
 			case <-stop:
 				return

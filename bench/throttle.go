@@ -51,6 +51,13 @@ func newThrottle(target string, rtt time.Duration, rate, total float64) (*thrott
 
 func (t *throttle) Addr() string { return t.ln.Addr().String() }
 
+// active is how many client connections are open now.
+func (t *throttle) active() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return len(t.open) / 2 // each has its client and its server side, once dialled
+}
+
 // Close stops accepting, cuts every open connection and waits for the copiers.
 func (t *throttle) Close() {
 	t.ln.Close()
