@@ -47,9 +47,7 @@ func (b *bench) freshCache(ctx context.Context, name string, start func(dir stri
 	if s != nil {
 		defer func() {
 			s.proc.close()
-			if !b.o.keep { // -keep leaves every run's log and store for inspection
-				os.RemoveAll(dir)
-			}
+			b.removeRun(dir)
 		}()
 	}
 	if err != nil {
@@ -70,6 +68,19 @@ func (b *bench) freshCache(ctx context.Context, name string, start func(dir stri
 	}
 	return coldRun{took: took, bytes: down, conns: b.coldTh.conns.Load() - conns, rss: peakRSS(s.pid()),
 		cacheCPU: cpuSeconds(s.pid()), busy: busy, otherCPU: acct.other}, nil
+}
+
+// removeRun removes the directory of a process that one run started, after it ended.
+// With -keep only its store goes (dozens of runs of a 512 MiB blob would fill a disk);
+// its log and config stay for inspection.
+func (b *bench) removeRun(dir string) {
+	if !b.o.keep {
+		os.RemoveAll(dir)
+		return
+	}
+	for _, store := range []string{"data", "storage", "root"} { // node-mirror, docker-registry, containerd
+		os.RemoveAll(filepath.Join(dir, store))
+	}
 }
 
 // waitQuiet waits until no byte passed th from upstream for quiet (or max passed) and
@@ -232,9 +243,7 @@ func (b *bench) ctrCold(ctx context.Context, e engine, prefix string) error {
 			run.clientCPU = clientCPU
 			run.otherCPU = max(0, run.otherCPU-clientCPU) // containerd and ctr are the run's own
 			ctrd.proc.close()
-			if !b.o.keep {
-				os.RemoveAll(ctrd.dir)
-			}
+			b.removeRun(ctrd.dir)
 			if err != nil {
 				return fmt.Errorf("%s: %w", c, err)
 			}

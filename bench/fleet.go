@@ -96,13 +96,17 @@ func (b *bench) startGroup(ctx context.Context, n int, fleet bool) (*fleetGroup,
 	return g, nil
 }
 
-// stop ends the group's daemons and removes their stores unless keep.
-func (g *fleetGroup) stop(keep bool) {
+// stop ends the group's daemons and removes their directories (with -keep, their stores).
+func (g *fleetGroup) stop(b *bench) {
 	for _, s := range g.nodes {
 		s.proc.close()
 	}
-	if !keep {
+	if !b.o.keep {
 		os.RemoveAll(g.dir)
+		return
+	}
+	for i := range g.nodes {
+		b.removeRun(filepath.Join(g.dir, fmt.Sprintf("node-%d", i+1)))
 	}
 }
 
@@ -404,7 +408,7 @@ func (b *bench) fleetSize(ctx context.Context, n int, size int64) error {
 	groups := map[bool]*fleetGroup{}
 	defer func() {
 		for _, g := range groups {
-			g.stop(b.o.keep)
+			g.stop(b)
 		}
 	}()
 	for _, fleet := range []bool{true, false} {

@@ -65,7 +65,7 @@ func main() {
 	flag.StringVar(&o.out, "out", "docs/BENCHMARKS.md", "write the Markdown report here (\"\" for stdout only)")
 	flag.StringVar(&o.profileDir, "profile-dir", "bench/out", "where node-mirror's CPU and heap profiles of the hot scenarios go")
 	flag.StringVar(&o.workDir, "work-dir", "", "scratch directory (default: a new temp dir, removed at the end)")
-	flag.BoolVar(&o.keep, "keep", false, "keep the scratch directory (logs, stores) for inspection")
+	flag.BoolVar(&o.keep, "keep", false, "keep the scratch directory for inspection: logs, and the stores of the long-lived servers (those of the per-run caches are removed, they would fill the disk)")
 	flag.StringVar(&o.bin, "node-mirror", "bin/node-mirror", "the node-mirror binary")
 	flag.StringVar(&o.only, "only", "", "comma-separated subset of scenarios: blob,digest,tag,fresh,herd,pull,cold,ctrcold,sweep,fleet (default all)")
 	flag.DurationVar(&o.rtt, "latency", 20*time.Millisecond, "round-trip time the throttle adds between a cache and the upstream")
