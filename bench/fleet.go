@@ -30,6 +30,7 @@ type fleetGroup struct {
 	name  string // "fleet-4", "islands-4": the contender in the results
 	fleet bool
 	nodes []*server
+	debug []string // each node's --debug-listen (pprof)
 	th    *throttle
 	dir   string
 }
@@ -58,10 +59,16 @@ func (b *bench) startGroup(ctx context.Context, n int, fleet bool) (*fleetGroup,
 	}
 	var firstGossip string
 	for i := range n {
+		dport, err := freePort()
+		if err != nil {
+			return g, err
+		}
+		g.debug = append(g.debug, fmt.Sprintf("127.0.0.1:%d", dport))
 		spec := mirrorSpec{
 			name:     fmt.Sprintf("%s-node-%d", g.name, i+1),
 			dir:      filepath.Join(g.dir, fmt.Sprintf("node-%d", i+1)),
 			upstream: "http://" + g.th.Addr(),
+			args:     []string{"--debug-listen", g.debug[i]},
 		}
 		if fleet {
 			peer, err := freePort()
@@ -73,12 +80,12 @@ func (b *bench) startGroup(ctx context.Context, n int, fleet bool) (*fleetGroup,
 				return g, err
 			}
 			gaddr := fmt.Sprintf("127.0.0.1:%d", gossip)
-			spec.args = []string{
+			spec.args = append(spec.args,
 				"--peer-listen", fmt.Sprintf("127.0.0.1:%d", peer),
 				"--gossip-listen", gaddr,
 				"--fleet-key-file", keyFile,
 				"--node-name", fmt.Sprintf("node-%d", i+1),
-			}
+			)
 			if i == 0 {
 				firstGossip = gaddr
 			} else {
@@ -141,6 +148,14 @@ func freeTCPUDPPort() (int, error) {
 // adminStatus is the part of `node-mirror status --json` (GET /admin/status) the
 // benchmark reads: the fleet's members and the bytes exchanged with each.
 type adminStatus struct {
+	Mirror struct {
+		Active []struct {
+			Digest      string `json:"digest"`
+			Stored      int64  `json:"stored"`
+			Received    int64  `json:"received"`
+			Connections int    `json:"connections"`
+		} `json:"active"`
+	} `json:"mirror"`
 	Fleet []struct {
 		Name     string `json:"name"`
 		State    string `json:"state"`
@@ -447,7 +462,15 @@ func (b *bench) fleetSize(ctx context.Context, n int, size int64) error {
 			meter := startCPUMeter(pids, b.upstream.pid())
 			before, conns, cpu0 := g.th.down.Load(), g.th.conns.Load(), readCPUTimes()
 			stopWatch := watchBytes(g.th, 50*time.Millisecond)
+			stopProgress := func() {}
+			if b.o.keep { // every node's downloads over the run, for inspection
+				stopProgress = watchProgress(ctx, g.nodes, 200*time.Millisecond,
+					filepath.Join(b.work, "fleet", fmt.Sprintf("%s-run-%d-downloads.csv", g.name, r+1)))
+			}
+			profileDone := b.profileFleet(ctx, g, r)
 			took, err := pullEverywhere(ctx, g.nodes, img.repo)
+			stopProgress()
+			profileDone()
 			busy := readCPUTimes().busySince(cpu0)
 			acct := meter.stop()
 			if err != nil {
@@ -582,5 +605,67 @@ func watchBytes(th *throttle, interval time.Duration) func() byteTrace {
 	return func() byteTrace {
 		once.Do(func() { close(stop); <-done })
 		return tr
+	}
+}
+
+// watchProgress polls every node's status for its active downloads until the returned
+// function is called, and writes them to file as CSV: seconds, node, digest (short),
+// bytes stored (the verified-at-commit prefix), bytes received, connections.
+func watchProgress(ctx context.Context, nodes []*server, interval time.Duration, file string) func() {
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		var b strings.Builder
+		b.WriteString("seconds,node,digest,stored,received,connections\n")
+		start := time.Now()
+		tk := time.NewTicker(interval)
+		defer tk.Stop()
+		for {
+			at := time.Since(start).Seconds()
+			for _, s := range nodes {
+				st, err := getStatus(ctx, s.base)
+				if err != nil {
+					continue
+				}
+				for _, d := range st.Mirror.Active {
+					fmt.Fprintf(&b, "%.3f,%s,%.19s,%d,%d,%d\n", at, s.name, d.Digest, d.Stored, d.Received, d.Connections)
+				}
+			}
+			select {
+			case <-stop:
+				os.WriteFile(file, []byte(b.String()), 0o644)
+				return
+			case <-tk.C:
+			}
+		}
+	}()
+	var once sync.Once
+	return func() { once.Do(func() { close(stop); <-done }) }
+}
+
+// profileFleet starts a CPU profile of a fleet's node-1 for the first -fleet-profile of
+// run r; the returned function waits for it and summarises it.
+func (b *bench) profileFleet(ctx context.Context, g *fleetGroup, r int) func() {
+	if !g.fleet || b.o.profileDir == "" || b.o.fleetProfile <= 0 {
+		return func() {}
+	}
+	if err := os.MkdirAll(b.o.profileDir, 0o755); err != nil {
+		b.note("fleet profile: %v", err)
+		return func() {}
+	}
+	name := fmt.Sprintf("%s-run-%d", g.name, r+1)
+	file := filepath.Join(b.o.profileDir, name+".cpu.pprof")
+	errc := make(chan error, 1)
+	go func() {
+		errc <- saveURL(ctx, fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", g.debug[0], max(1, int(b.o.fleetProfile.Seconds()))), file)
+	}()
+	time.Sleep(50 * time.Millisecond) // the profile starts before the pull
+	return func() {
+		if err := <-errc; err != nil {
+			b.note("fleet profile of %s: %v", name, err)
+			return
+		}
+		b.profiles = append(b.profiles, profileSummary{scenario: name + " (node-1)", cpuFile: file, top: b.pprofTop(ctx, file, "-top")})
 	}
 }

@@ -53,11 +53,12 @@ type options struct {
 	sweepConc      []int
 	sweepRepeat    int
 
-	uplink      float64 // MB/s shared by every connection of a fleet scenario's group
-	fleetSize   sizeFlag
-	fleetLayers int
-	fleetNodes  []int
-	fleetRepeat int
+	uplink       float64 // MB/s shared by every connection of a fleet scenario's group
+	fleetSize    sizeFlag
+	fleetLayers  int
+	fleetNodes   []int
+	fleetRepeat  int
+	fleetProfile time.Duration
 }
 
 func main() {
@@ -92,6 +93,7 @@ func main() {
 	flag.IntVar(&o.fleetLayers, "fleet-layers", 2, "layers of the image of the fleet scenario")
 	fleetNodes := flag.String("fleet-nodes", "4,8", "cluster sizes of the fleet scenario")
 	flag.IntVar(&o.fleetRepeat, "fleet-repeat", 3, "runs per cluster size and mode of the fleet scenario")
+	flag.DurationVar(&o.fleetProfile, "fleet-profile", 4*time.Second, "CPU profile of node-1 over the first part of every fleet run (0: none; -profile-dir \"\" turns all off)")
 	quick := flag.Bool("quick", false, "scale everything down for a fast smoke run (2 runs, 1s, small blobs); figures are then rough")
 	flag.Parse()
 	var err error

@@ -187,11 +187,14 @@ func (b *bench) report() string {
 	fmt.Fprintf(&w, "- Rerun: `make bench` (about %d minutes here); `go run ./bench -h` lists the flags (sizes, runs, durations, latency, bandwidth, uplink, sweep points, fleet sizes, `-only`, `-quick`).\n", int(math.Ceil(b.elapsed.Minutes())))
 
 	if len(b.profiles) > 0 {
-		fmt.Fprintf(&w, "\n## Profiles of node-mirror (hot scenarios)\n\n")
-		fmt.Fprintf(&w, "Taken in an extra, unmeasured run of each hot scenario through `--debug-listen` (pprof); `go tool pprof %s <file>` reads them. Files (not committed): ", relPath(o.bin))
+		fmt.Fprintf(&w, "\n## Profiles of node-mirror\n\n")
+		fmt.Fprintf(&w, "Hot scenarios: taken in an extra, unmeasured run of each through `--debug-listen` (pprof). Fleet: the first %v of every fleet run on node-1, during the measured run. `go tool pprof %s <file>` reads them. Files (not committed): ", b.o.fleetProfile, relPath(o.bin))
 		var files []string
 		for _, p := range b.profiles {
-			files = append(files, "`"+p.cpuFile+"`", "`"+p.heapFile+"`")
+			files = append(files, "`"+p.cpuFile+"`")
+			if p.heapFile != "" {
+				files = append(files, "`"+p.heapFile+"`")
+			}
 		}
 		fmt.Fprintf(&w, "%s, with `-top` summaries beside them as `.txt`.\n", strings.Join(files, ", "))
 		for _, p := range b.profiles {

@@ -561,24 +561,29 @@ func (b *bench) profile(ctx context.Context, scenario string, load func(context.
 		return fmt.Errorf("heap profile: %w", err)
 	}
 	ps := profileSummary{scenario: scenario, cpuFile: cpuFile, heapFile: heapFile}
-	if goBin, err := lookPath("go"); err == nil {
-		for _, f := range []struct{ in, args string }{{cpuFile, "-top"}, {heapFile, "-sample_index=alloc_space -top"}} {
-			args := append([]string{"tool", "pprof"}, strings.Fields(f.args)...)
-			args = append(args, "-nodecount=25", b.o.bin, f.in)
-			out, err := exec.CommandContext(ctx, goBin, args...).Output()
-			if err != nil {
-				b.note("go tool pprof %s: %v", f.in, err)
-				continue
-			}
-			os.WriteFile(f.in+".txt", out, 0o644)
-			if f.in == cpuFile {
-				ps.top = string(out)
-			}
-		}
-	}
+	ps.top = b.pprofTop(ctx, cpuFile, "-top")
+	b.pprofTop(ctx, heapFile, "-sample_index=alloc_space -top")
 	b.profiles = append(b.profiles, ps)
 	log.Printf("  profiles: %s, %s", cpuFile, heapFile)
 	return nil
+}
+
+// pprofTop writes `go tool pprof <args>` of a profile beside it as .txt and returns it
+// ("" if go is not there or pprof fails, which is noted).
+func (b *bench) pprofTop(ctx context.Context, file, args string) string {
+	goBin, err := lookPath("go")
+	if err != nil {
+		return ""
+	}
+	argv := append([]string{"tool", "pprof"}, strings.Fields(args)...)
+	argv = append(argv, "-nodecount=25", b.o.bin, file)
+	out, err := exec.CommandContext(ctx, goBin, argv...).Output()
+	if err != nil {
+		b.note("go tool pprof %s: %v", file, err)
+		return ""
+	}
+	os.WriteFile(file+".txt", out, 0o644)
+	return string(out)
 }
 
 func saveURL(ctx context.Context, url, file string) error {

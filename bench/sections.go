@@ -185,8 +185,8 @@ func (b *bench) reportFleet(w *strings.Builder) {
 	}
 	fmt.Fprintf(w, "\n## Fleet: every node pulls a fresh %s image at once (scenario 10)\n\n", fmtBytes(int64(b.o.fleetSize)))
 	fmt.Fprintf(w, "Throttle: +%v RTT, %g MB/s per connection, %g MB/s over all connections (the uplink). Ratios are to the image's layer bytes. *Uplink done* is when all but the last MiB of the run's upstream bytes had passed the throttle (sampled every 50 ms): what the fleet takes beyond it is spreading the image among the nodes. CPU columns split the machine's CPU time during the run: the N daemons; the upstream registry with the benchmark's process (throttle, front, the N clients); and everything else on the machine.\n\n", b.o.rtt, b.o.bandwidth, b.o.uplink)
-	fmt.Fprintf(w, "| nodes | mode | slowest node, s | fastest node, s | uplink done, s | upstream bytes ÷ image | upstream connections | peer bytes received ÷ image (all nodes) | peer bytes served per node ÷ image (min – max) | highest peak RSS, MiB | daemons' CPU, s | upstream + benchmark CPU, s | others' CPU, s | machine CPU busy, %% |\n")
-	fmt.Fprintf(w, "|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|\n")
+	fmt.Fprintf(w, "| nodes | mode | slowest node, s | fastest node, s | uplink done, s | upstream bytes ÷ image | peer bytes received ÷ image (all nodes) | peer bytes served per node ÷ image (medians of the least and the most serving node) | highest peak RSS, MiB | daemons' CPU, s | upstream + benchmark CPU, s | others' CPU, s | machine CPU busy, %% |\n")
+	fmt.Fprintf(w, "|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|\n")
 	for _, n := range b.o.fleetNodes {
 		for _, fleet := range []bool{true, false} {
 			g := groupName(fleet, n)
@@ -197,11 +197,11 @@ func (b *bench) reportFleet(w *strings.Builder) {
 			mode, served := "islands", "–"
 			if fleet {
 				mode = "fleet"
-				served = fmt.Sprintf("%s – %s", fmtSummary(summarize(b.results["fleet_served_min"][g])), fmtSummary(summarize(b.results["fleet_served_max"][g])))
+				served = fmt.Sprintf("%s – %s", fmtShare(summarize(b.results["fleet_served_min"][g]).Median), fmtShare(summarize(b.results["fleet_served_max"][g]).Median))
 			}
 			get := func(metric string) string { return fmtSummary(summarize(b.results[metric][g])) }
-			fmt.Fprintf(w, "| %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", n, mode, fmtSummary(t),
-				get("fleet_fastest_s"), get("fleet_uplink_s"), get("fleet_bytes"), get("fleet_conns"), get("fleet_peer"), served,
+			fmt.Fprintf(w, "| %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", n, mode, fmtSummary(t),
+				get("fleet_fastest_s"), get("fleet_uplink_s"), get("fleet_bytes"), get("fleet_peer"), served,
 				get("fleet_rss"), get("fleet_cpu_daemons"), get("fleet_cpu_bench"), get("fleet_cpu_other"), get("fleet_busy"))
 		}
 	}
@@ -304,4 +304,12 @@ func relPath(path string) string {
 		return r
 	}
 	return path
+}
+
+// fmtShare is a ratio rounded to two decimals: shares of an image, where 1e-5 is 0.
+func fmtShare(v float64) string {
+	if math.IsNaN(v) {
+		return "–"
+	}
+	return strconv.FormatFloat(math.Round(v*100)/100, 'f', 2, 64)
 }
