@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"math"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"runtime"
@@ -246,11 +247,15 @@ func parsePrevious(md string) previousReport {
 	return p
 }
 
-// loadPrevious reads the report at path, if any, before this run overwrites it.
+// loadPrevious reads the last committed version of the report at path (git's HEAD), or
+// the file itself outside a git checkout, before this run overwrites it: a report that an
+// earlier, uncommitted run left there is not the one to compare with.
 func (b *bench) loadPrevious(path string) {
-	md, err := os.ReadFile(path)
+	md, err := exec.Command("git", "show", "HEAD:./"+filepath.ToSlash(path)).Output()
 	if err != nil {
-		return
+		if md, err = os.ReadFile(path); err != nil {
+			return
+		}
 	}
 	p := parsePrevious(string(md))
 	if len(p.nm) > 0 {
@@ -287,7 +292,7 @@ func (b *bench) reportPrevious(w *strings.Builder) {
 		when = "an earlier run"
 	}
 	fmt.Fprintf(w, "\n## node-mirror against the previous report\n\n")
-	fmt.Fprintf(w, "Medians of node-mirror in this run and in the report it replaced (generated %s), for the measures both have. Both are single runs on a shared machine: read changes within the spreads above as noise.\n\n", when)
+	fmt.Fprintf(w, "Medians of node-mirror in this run and in the last committed report (generated %s), for the measures both have. Both are single runs on a shared machine: read changes within the spreads above as noise.\n\n", when)
 	fmt.Fprintf(w, "| # | measure | previous | now | change |\n|---|---|---:|---:|---:|\n")
 	for _, r := range rows {
 		fmt.Fprintln(w, r)
