@@ -113,11 +113,13 @@ service-check: build
 	systemd/service-check.sh $(BIN) 2.0
 	NODE_MIRROR_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 -timeout 10m ./test/service/...
 
-# node-mirror against the reference registry's proxy mode and an nginx ceiling, on
-# loopback; writes docs/BENCHMARKS.md. Needs docker-registry, nginx and containerd (root).
+# node-mirror against the reference registry's proxy mode and an nginx ceiling, cold
+# fetches against one stream, and a fleet against islands, on loopback; writes
+# docs/BENCHMARKS.md. Needs docker-registry, nginx and containerd (root); the cold
+# containerd pull also runs containerd 2.x (built once, as for e2e).
 # BENCH_FLAGS=-quick for a fast rough run; `go run ./bench -h` lists the flags.
-bench: build
-	$(GO) run ./bench $(BENCH_FLAGS)
+bench: build containerd2
+	$(GO) run ./bench -containerd2-dir $(CONTAINERD2_DIR) $(BENCH_FLAGS)
 
 clean:
 	rm -rf bin

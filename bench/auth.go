@@ -12,7 +12,6 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"math/big"
-	"net"
 	"net/http"
 	"strings"
 	"time"
@@ -24,11 +23,10 @@ import (
 // caches meet in real life, it matters to the comparison: distribution 2.8's proxy pings
 // an upstream that sends no challenge again on every request, under a global lock, which
 // would make the reference look far slower than it is against a real registry.
+// It is served by the upstream's front (front.go) on the registry's own host:port.
 type tokenServer struct {
 	key  *ecdsa.PrivateKey
 	cert []byte // DER, self-signed; the registry trusts it through rootcertbundle
-	srv  *http.Server
-	ln   net.Listener
 }
 
 const (
@@ -54,18 +52,8 @@ func newTokenServer() (*tokenServer, error) {
 	if err != nil {
 		return nil, err
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return nil, err
-	}
-	t := &tokenServer{key: key, cert: der, ln: ln}
-	t.srv = &http.Server{Handler: http.HandlerFunc(t.serveToken), ReadHeaderTimeout: 10 * time.Second}
-	go t.srv.Serve(ln)
-	return t, nil
+	return &tokenServer{key: key, cert: der}, nil
 }
-
-func (t *tokenServer) Addr() string { return t.ln.Addr().String() }
-func (t *tokenServer) Close()       { t.srv.Close() }
 
 // certPEM is the bundle the registry's auth.token.rootcertbundle points at.
 func (t *tokenServer) certPEM() []byte {

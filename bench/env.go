@@ -134,8 +134,23 @@ func tokenAuthConfig(realm, certFile string) string {
 // startNodeMirror runs the node-mirror binary as shipped (default config) with docker.io
 // mirrored from upstream, and pprof on debugAddr.
 func startNodeMirror(ctx context.Context, work, bin, upstream, debugAddr string) (*server, error) {
-	dir := filepath.Join(work, nodeMirror)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
+	return startMirror(ctx, bin, mirrorSpec{name: nodeMirror, dir: filepath.Join(work, nodeMirror), upstream: upstream,
+		args: []string{"--debug-listen", debugAddr}})
+}
+
+// mirrorSpec is one node-mirror daemon: its name in logs, its own directory (data/ and
+// log), docker.io's endpoint and any further serve flags.
+type mirrorSpec struct {
+	name, dir, upstream string
+	args                []string
+}
+
+// mirrorLogLevel is --log-level for every node-mirror the benchmark starts (-log-level).
+var mirrorLogLevel = "info"
+
+// startMirror runs a node-mirror daemon and waits until it answers /v2/.
+func startMirror(ctx context.Context, bin string, spec mirrorSpec) (*server, error) {
+	if err := os.MkdirAll(spec.dir, 0o755); err != nil {
 		return nil, err
 	}
 	port, err := freePort()
@@ -143,13 +158,14 @@ func startNodeMirror(ctx context.Context, work, bin, upstream, debugAddr string)
 		return nil, err
 	}
 	addr := fmt.Sprintf("127.0.0.1:%d", port)
-	p, err := startProc(nodeMirror, filepath.Join(dir, "log"), bin, "serve",
-		"--listen", addr, "--data-dir", filepath.Join(dir, "data"),
-		"--upstream", "docker.io="+upstream, "--debug-listen", debugAddr)
+	argv := append([]string{bin, "serve",
+		"--listen", addr, "--data-dir", filepath.Join(spec.dir, "data"),
+		"--upstream", "docker.io=" + spec.upstream, "--log-level", mirrorLogLevel}, spec.args...)
+	p, err := startProc(spec.name, filepath.Join(spec.dir, "log"), argv...)
 	if err != nil {
 		return nil, err
 	}
-	s := &server{name: nodeMirror, base: "http://" + addr, proc: p}
+	s := &server{name: spec.name, base: "http://" + addr, proc: p}
 	return s, waitHTTP(ctx, p, s.base+"/v2/", 200)
 }
 
@@ -213,20 +229,43 @@ type containerd struct {
 	proc *proc
 	sock string
 	dir  string
+	ctr  string // the ctr that goes with it
 }
 
-func startContainerd(ctx context.Context, work string) (*containerd, error) {
-	dir := filepath.Join(work, "containerd")
+// engine is a containerd build: Debian's (1.6), or 2.x from -containerd2-dir.
+type engine struct {
+	label           string // "containerd 1.6.20~ds1"
+	containerd, ctr string // binaries
+}
+
+// debianContainerd is the containerd on the PATH (Debian's package).
+func debianContainerd() (engine, error) {
+	bin, err := lookPath("containerd")
+	if err != nil {
+		return engine{}, err
+	}
+	ctr, err := lookPath("ctr")
+	if err != nil {
+		return engine{}, err
+	}
+	return engine{label: "containerd " + toolVersion("containerd", "--version"), containerd: bin, ctr: ctr}, nil
+}
+
+// startContainerd runs containerd e with its files in work/name.
+func startContainerd(ctx context.Context, work, name string, e engine) (*containerd, error) {
+	dir := filepath.Join(work, name)
 	for _, d := range []string{"root", "state", "opt"} {
 		if err := os.MkdirAll(filepath.Join(dir, d), 0o700); err != nil {
 			return nil, err
 		}
 	}
 	sock := filepath.Join(dir, "containerd.sock")
+	// Version 2 config: 1.6 reads it and 2.x migrates it. Plugin ids one version does not
+	// have are ignored by it; 2.x's CRI is several plugins.
 	conf := fmt.Sprintf(`version = 2
 root = "%[1]s/root"
 state = "%[1]s/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs"]
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs", "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing"]
 [grpc]
   address = "%[2]s"
 [ttrpc]
@@ -238,15 +277,11 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
 	if err := os.WriteFile(cfg, []byte(conf), 0o644); err != nil {
 		return nil, err
 	}
-	bin, err := lookPath("containerd")
+	p, err := startProc(name, filepath.Join(dir, "log"), e.containerd, "--config", cfg, "--log-level", "warn")
 	if err != nil {
 		return nil, err
 	}
-	p, err := startProc("containerd", filepath.Join(dir, "log"), bin, "--config", cfg, "--log-level", "warn")
-	if err != nil {
-		return nil, err
-	}
-	c := &containerd{proc: p, sock: sock, dir: dir}
+	c := &containerd{proc: p, sock: sock, dir: dir, ctr: e.ctr}
 	return c, waitSocket(ctx, p, sock)
 }
 
@@ -264,17 +299,18 @@ func (c *containerd) hostsDir(name, host string) (string, error) {
 }
 
 // fetch runs `ctr content fetch` of ref with the hosts dir and returns its wall time.
-func (c *containerd) fetch(ctx context.Context, hostsDir, ref string) (time.Duration, error) {
-	bin, err := lookPath("ctr")
-	if err != nil {
-		return 0, err
-	}
-	cmd := exec.CommandContext(ctx, bin, "--address", c.sock, "content", "fetch", "--hosts-dir", hostsDir, ref)
+// It also returns the CPU seconds ctr itself used.
+func (c *containerd) fetch(ctx context.Context, hostsDir, ref string) (time.Duration, float64, error) {
+	cmd := exec.CommandContext(ctx, c.ctr, "--address", c.sock, "content", "fetch", "--hosts-dir", hostsDir, ref)
 	start := time.Now()
 	out, err := cmd.CombinedOutput()
 	took := time.Since(start)
-	if err != nil {
-		return took, fmt.Errorf("ctr content fetch %s: %v\n%s", ref, err, out)
+	var cpu float64
+	if ps := cmd.ProcessState; ps != nil {
+		cpu = (ps.UserTime() + ps.SystemTime()).Seconds()
 	}
-	return took, nil
+	if err != nil {
+		return took, cpu, fmt.Errorf("ctr content fetch %s: %v\n%s", ref, err, out)
+	}
+	return took, cpu, nil
 }

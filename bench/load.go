@@ -2,11 +2,14 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	neturl "net/url"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -248,4 +251,104 @@ func fetchAll(ctx context.Context, cl *http.Client, url, accept string) (int64, 
 		err = fmt.Errorf("GET %s: %s", url, resp.Status)
 	}
 	return n, err
+}
+
+// directBlob GETs a blob from a registry as a client without a cache would: one stream,
+// after the anonymous token dance its 401 asks for. It returns the time from the first
+// request to the last byte.
+func directBlob(ctx context.Context, base, repo, dgst string, size int64) (time.Duration, error) {
+	cl := newClient(1)
+	defer closeClient(cl)
+	url := fmt.Sprintf("%s/v2/%s/blobs/%s", base, repo, dgst)
+	start := time.Now()
+	resp, err := getWithToken(ctx, cl, url)
+	if err != nil {
+		return 0, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return 0, fmt.Errorf("GET %s: %s", url, resp.Status)
+	}
+	n, err := io.CopyBuffer(io.Discard, resp.Body, make([]byte, 1<<20))
+	took := time.Since(start)
+	if err != nil {
+		return took, fmt.Errorf("after %d bytes: %w", n, err)
+	}
+	if n != size {
+		return took, fmt.Errorf("got %d bytes, want %d", n, size)
+	}
+	return took, nil
+}
+
+// getWithToken GETs url, and on a Bearer challenge fetches an anonymous token from its
+// realm and asks again with it.
+func getWithToken(ctx context.Context, cl *http.Client, url string) (*http.Response, error) {
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	resp, err := cl.Do(req)
+	if err != nil || resp.StatusCode != http.StatusUnauthorized {
+		return resp, err
+	}
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	ch := parseChallenge(resp.Header.Get("Www-Authenticate"))
+	if ch["realm"] == "" {
+		return nil, fmt.Errorf("GET %s: 401 without a Bearer realm (%q)", url, resp.Header.Get("Www-Authenticate"))
+	}
+	q := neturl.Values{}
+	for _, k := range []string{"service", "scope"} {
+		if v := ch[k]; v != "" {
+			q.Set(k, v)
+		}
+	}
+	treq, _ := http.NewRequestWithContext(ctx, http.MethodGet, ch["realm"]+"?"+q.Encode(), nil)
+	tresp, err := cl.Do(treq)
+	if err != nil {
+		return nil, fmt.Errorf("token: %w", err)
+	}
+	defer tresp.Body.Close()
+	var tok struct {
+		Token       string `json:"token"`
+		AccessToken string `json:"access_token"`
+	}
+	if tresp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("token: GET %s: %s", treq.URL, tresp.Status)
+	}
+	if err := json.NewDecoder(tresp.Body).Decode(&tok); err != nil {
+		return nil, fmt.Errorf("token: %w", err)
+	}
+	if tok.Token == "" {
+		tok.Token = tok.AccessToken
+	}
+	req, _ = http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	req.Header.Set("Authorization", "Bearer "+tok.Token)
+	return cl.Do(req)
+}
+
+// parseChallenge reads the parameters of a `Bearer k="v",...` challenge (lower-case keys).
+func parseChallenge(h string) map[string]string {
+	out := map[string]string{}
+	scheme, rest, ok := strings.Cut(strings.TrimSpace(h), " ")
+	if !ok || !strings.EqualFold(scheme, "Bearer") {
+		return out
+	}
+	for rest = strings.TrimSpace(rest); rest != ""; rest = strings.TrimLeft(strings.TrimSpace(rest), ",") {
+		k, v, ok := strings.Cut(rest, "=")
+		if !ok {
+			break
+		}
+		k = strings.ToLower(strings.TrimSpace(k))
+		v = strings.TrimSpace(v)
+		if strings.HasPrefix(v, `"`) {
+			end := strings.IndexByte(v[1:], '"')
+			if end < 0 {
+				break
+			}
+			out[k], rest = v[1:1+end], v[2+end:]
+		} else {
+			val, r, _ := strings.Cut(v, ",")
+			out[k], rest = strings.TrimSpace(val), r
+		}
+		rest = strings.TrimSpace(rest)
+	}
+	return out
 }

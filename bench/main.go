@@ -17,6 +17,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -45,16 +46,29 @@ type options struct {
 	pullSize    sizeFlag
 	pullLayers  int
 	freshness   time.Duration
+
+	coldSize       sizeFlag
+	containerd2Dir string
+	sweepChunks    []int64
+	sweepConc      []int
+	sweepRepeat    int
+
+	uplink       float64 // MB/s shared by every connection of a fleet scenario's group
+	fleetSize    sizeFlag
+	fleetLayers  int
+	fleetNodes   []int
+	fleetRepeat  int
+	fleetProfile time.Duration
 }
 
 func main() {
-	o := options{blobSize: 256 << 20, herdSize: 128 << 20, pullSize: 64 << 20}
+	o := options{blobSize: 256 << 20, herdSize: 128 << 20, pullSize: 64 << 20, coldSize: 512 << 20, fleetSize: 256 << 20}
 	flag.StringVar(&o.out, "out", "docs/BENCHMARKS.md", "write the Markdown report here (\"\" for stdout only)")
 	flag.StringVar(&o.profileDir, "profile-dir", "bench/out", "where node-mirror's CPU and heap profiles of the hot scenarios go")
 	flag.StringVar(&o.workDir, "work-dir", "", "scratch directory (default: a new temp dir, removed at the end)")
-	flag.BoolVar(&o.keep, "keep", false, "keep the scratch directory (logs, stores) for inspection")
+	flag.BoolVar(&o.keep, "keep", false, "keep the scratch directory for inspection: logs, and the stores of the long-lived servers (those of the per-run caches are removed, they would fill the disk)")
 	flag.StringVar(&o.bin, "node-mirror", "bin/node-mirror", "the node-mirror binary")
-	flag.StringVar(&o.only, "only", "", "comma-separated subset of scenarios: blob,digest,tag,fresh,herd,pull (default all)")
+	flag.StringVar(&o.only, "only", "", "comma-separated subset of scenarios: blob,digest,tag,fresh,herd,pull,cold,ctrcold,sweep,fleet (default all)")
 	flag.DurationVar(&o.rtt, "latency", 20*time.Millisecond, "round-trip time the throttle adds between a cache and the upstream")
 	flag.Float64Var(&o.bandwidth, "bandwidth", 40, "per-connection bandwidth cap of the throttle, in MB/s (10^6 bytes)")
 	flag.IntVar(&o.repeat, "repeat", 5, "runs per contender of each hot scenario (blob, digest, tag)")
@@ -68,11 +82,37 @@ func main() {
 	flag.Var(&o.pullSize, "pull-size", "total size of the image of the containerd pull scenario")
 	flag.IntVar(&o.pullLayers, "pull-layers", 8, "layers of the image of the containerd pull scenario")
 	flag.DurationVar(&o.freshness, "tag-freshness", 10*time.Second, "node-mirror's tag freshness window as shipped (the freshness check's bound)")
+	flag.Var(&o.coldSize, "cold-size", "size of the 1-layer image of the cold scenarios (cold, ctrcold, sweep)")
+	flag.StringVar(&mirrorLogLevel, "log-level", mirrorLogLevel, "--log-level of the node-mirror daemons (their logs are in the scratch dir; see -keep)")
+	flag.StringVar(&o.containerd2Dir, "containerd2-dir", os.Getenv("CONTAINERD2_DIR"), "directory with containerd 2.x's containerd and ctr, for scenario 9 beside Debian's (`make containerd2`)")
+	sweepChunks := flag.String("sweep-chunks", "4MiB,8MiB,16MiB,32MiB", "chunk sizes of the sweep")
+	sweepConc := flag.String("sweep-concurrency", "1,2,4,8", "fetch concurrencies of the sweep")
+	flag.IntVar(&o.sweepRepeat, "sweep-repeat", 2, "runs per point of the sweep")
+	flag.Float64Var(&o.uplink, "uplink", 160, "the fleet scenario's shared uplink: MB/s over all connections to the upstream")
+	flag.Var(&o.fleetSize, "fleet-size", "total size of the image of the fleet scenario")
+	flag.IntVar(&o.fleetLayers, "fleet-layers", 2, "layers of the image of the fleet scenario")
+	fleetNodes := flag.String("fleet-nodes", "4,8", "cluster sizes of the fleet scenario")
+	flag.IntVar(&o.fleetRepeat, "fleet-repeat", 3, "runs per cluster size and mode of the fleet scenario")
+	flag.DurationVar(&o.fleetProfile, "fleet-profile", 4*time.Second, "CPU profile of node-1 over the first part of every fleet run (0: none; -profile-dir \"\" turns all off)")
 	quick := flag.Bool("quick", false, "scale everything down for a fast smoke run (2 runs, 1s, small blobs); figures are then rough")
 	flag.Parse()
+	var err error
+	if o.sweepChunks, err = parseList(*sweepChunks, parseSize); err != nil {
+		fmt.Fprintf(os.Stderr, "bench: -sweep-chunks: %v\n", err)
+		os.Exit(2)
+	}
+	if o.sweepConc, err = parseList(*sweepConc, strconv.Atoi); err != nil {
+		fmt.Fprintf(os.Stderr, "bench: -sweep-concurrency: %v\n", err)
+		os.Exit(2)
+	}
+	if o.fleetNodes, err = parseList(*fleetNodes, strconv.Atoi); err != nil {
+		fmt.Fprintf(os.Stderr, "bench: -fleet-nodes: %v\n", err)
+		os.Exit(2)
+	}
 	if *quick {
 		o.repeat, o.coldRepeat, o.duration = 2, 1, time.Second
 		o.blobSize, o.herdSize, o.pullSize = 64<<20, 32<<20, 16<<20
+		o.coldSize, o.fleetSize, o.sweepRepeat, o.fleetRepeat = 64<<20, 64<<20, 1, 1
 	}
 	log.SetFlags(log.Ltime)
 	log.SetPrefix("bench: ")
@@ -88,7 +128,7 @@ func main() {
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	err := run(ctx, &o)
+	err = run(ctx, &o)
 	stopAll()
 	if err != nil {
 		log.Printf("FAILED: %v", err)
@@ -134,6 +174,9 @@ func run(ctx context.Context, o *options) (err error) {
 	}
 	if err != nil {
 		return err
+	}
+	if o.out != "" {
+		b.loadPrevious(o.out)
 	}
 	if err := b.runScenarios(ctx); err != nil {
 		return err

@@ -24,6 +24,8 @@ type proc struct {
 	log  string
 	done chan struct{}
 	err  error
+
+	stopOnce sync.Once
 }
 
 var (
@@ -73,7 +75,26 @@ func (p *proc) exited() error {
 }
 
 // stop asks the process group to end (SIGTERM), then kills it after a grace period.
+// Only the first call acts: once the group is gone its id may be another's.
 func (p *proc) stop() {
+	p.stopOnce.Do(p.stopGroup)
+}
+
+// close stops a process that a scenario started for itself and forgets it, so stopAll
+// does not hold on to it.
+func (p *proc) close() {
+	procsMu.Lock()
+	for i, q := range procs {
+		if q == p {
+			procs = append(procs[:i], procs[i+1:]...)
+			break
+		}
+	}
+	procsMu.Unlock()
+	p.stop()
+}
+
+func (p *proc) stopGroup() {
 	pgid := p.pid() // Setpgid: the group id is the leader's pid
 	select {
 	case <-p.done:
@@ -264,4 +285,92 @@ func statusKB(status, key string) int64 {
 		}
 	}
 	return 0
+}
+
+// cpuTimes is the machine's CPU time so far, in clock ticks over all cores (/proc/stat).
+type cpuTimes struct{ busy, total uint64 }
+
+func readCPUTimes() cpuTimes {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return cpuTimes{}
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	return parseCPUTimes(line)
+}
+
+// parseCPUTimes reads the "cpu" line of /proc/stat: user nice system idle iowait irq
+// softirq steal ...; idle and iowait are the time nobody could use.
+func parseCPUTimes(line string) cpuTimes {
+	f := strings.Fields(line)
+	if len(f) < 5 || f[0] != "cpu" {
+		return cpuTimes{}
+	}
+	var t cpuTimes
+	for i, s := range f[1:] {
+		if i >= 8 { // guest time is already counted in user
+			break
+		}
+		v, _ := strconv.ParseUint(s, 10, 64)
+		t.total += v
+		if i != 3 && i != 4 {
+			t.busy += v
+		}
+	}
+	return t
+}
+
+// busySince is the share of CPU time in use between then and t, 0 to 1.
+func (t cpuTimes) busySince(then cpuTimes) float64 {
+	if t.total <= then.total {
+		return 0
+	}
+	return float64(t.busy-then.busy) / float64(t.total-then.total)
+}
+
+// processCPU is the user+system CPU seconds of one process alone (not its children).
+func processCPU(pid int) float64 {
+	st, err := readStat(pid)
+	if err != nil {
+		return 0
+	}
+	return float64(st.utime+st.stime) / clockTicks
+}
+
+// cpuAccount splits the machine's CPU time over a stretch of a run: the daemons under
+// test, the benchmark's own process (load, throttles, front), the upstream registry, and
+// everything else on the machine.
+type cpuAccount struct {
+	daemons, bench, upstream, other float64 // CPU seconds
+}
+
+// cpuMeter takes the readings a cpuAccount is the difference of.
+type cpuMeter struct {
+	machine                  cpuTimes
+	daemons, bench, upstream float64
+	pids                     []int
+	upstreamPID              int
+}
+
+func startCPUMeter(daemons []int, upstreamPID int) *cpuMeter {
+	m := &cpuMeter{pids: daemons, upstreamPID: upstreamPID}
+	m.machine, m.daemons, m.bench, m.upstream = m.read()
+	return m
+}
+
+func (m *cpuMeter) read() (cpuTimes, float64, float64, float64) {
+	var d float64
+	for _, p := range m.pids {
+		d += processCPU(p)
+	}
+	return readCPUTimes(), d, processCPU(os.Getpid()), processCPU(m.upstreamPID)
+}
+
+// stop is the account since the meter started.
+func (m *cpuMeter) stop() cpuAccount {
+	mach, d, b, u := m.read()
+	a := cpuAccount{daemons: d - m.daemons, bench: b - m.bench, upstream: u - m.upstream}
+	busy := float64(mach.busy-m.machine.busy) / clockTicks
+	a.other = max(0, busy-a.daemons-a.bench-a.upstream)
+	return a
 }

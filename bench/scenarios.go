@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"log"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -19,23 +18,30 @@ import (
 type bench struct {
 	o         *options
 	work      string
-	upstream  *server
+	upstream  *server // the registry process
+	front     *front  // its address for clients: registry and token service (through throttles)
 	nm, ref   *server
 	nginx     *server
 	directTh  *throttle
 	ctrd      *containerd
 	debugAddr string
 
-	hot, fresh pushed
-	herd       map[string][]pushed // contender -> one cold image per run
-	pull       map[string][]pushed
+	hot, fresh  pushed
+	herd        map[string][]pushed // contender -> one cold image per run
+	pull        map[string][]pushed
+	cold        pushed    // the 1-layer image of the cold scenarios; each run's cache is new instead
+	coldTh      *throttle // between the cold scenarios' caches (each run's own) and the upstream
+	fleetImgs   []pushed  // one fresh image per fleet run
+	coldRuns    int       // cold caches started so far: each gets a directory of its own
+	containerd2 string    // the label of containerd 2.x in scenario 9, if it ran
 
 	mu       sync.Mutex
 	results  map[string]map[string]sample // metric -> contender -> runs
 	notes    []string
 	profiles []profileSummary
 	elapsed  time.Duration
-	closers  []func() // in-process servers: token service, throttles
+	previous *previousReport // the report this run replaces, for the comparison
+	closers  []func()        // in-process servers: token service, throttles
 }
 
 // close stops the in-process servers (after the processes that use them).
@@ -64,40 +70,44 @@ func (b *bench) note(format string, args ...any) {
 
 func (b *bench) mbps() float64 { return b.o.bandwidth * 1e6 }
 
+// newThrottle is a throttle to the upstream at the benchmark's RTT and per-connection
+// rate, with a shared cap of total bytes/s if total > 0, stopped at the end.
+func (b *bench) newThrottle(upstream string, total float64) (*throttle, error) {
+	th, err := newThrottle(upstream, b.o.rtt, b.mbps(), total)
+	if err == nil {
+		b.closers = append(b.closers, th.Close)
+	}
+	return th, err
+}
+
 // setup starts every server and seeds the upstream.
 func setup(ctx context.Context, o *options, work string) (*bench, error) {
 	b := &bench{o: o, work: work, results: map[string]map[string]sample{}, herd: map[string][]pushed{}, pull: map[string][]pushed{}}
-	// The upstream wants anonymous bearer tokens, as real registries do; its token
-	// service is as far away (behind a throttle) as the registry.
+	// The upstream wants anonymous bearer tokens, as real registries do. Its token service
+	// is on the registry's own host:port (the front), so behind each throttle it is as far
+	// away as the registry.
 	ts, err := newTokenServer()
 	if err != nil {
 		return b, err
 	}
-	b.closers = append(b.closers, ts.Close)
-	authTh, err := newThrottle(ts.Addr(), o.rtt, b.mbps())
-	if err != nil {
-		return b, err
-	}
-	b.closers = append(b.closers, authTh.Close)
 	certFile := filepath.Join(work, "token-issuer.pem")
 	if err := os.WriteFile(certFile, ts.certPEM(), 0o644); err != nil {
 		return b, err
 	}
-	// "localhost", not 127.0.0.1: go-containerregistry (the seeder) refuses realms that are
-	// private IP literals.
-	_, authPort, _ := net.SplitHostPort(authTh.Addr())
-	auth := tokenAuthConfig("http://localhost:"+authPort+"/token", certFile)
-	if b.upstream, err = startRegistry(ctx, work, "upstream", "", auth); err != nil {
+	if b.upstream, err = startRegistry(ctx, work, "upstream", "", tokenAuthConfig(realmPlaceholder, certFile)); err != nil {
 		return b, err
 	}
-	up := b.upstream.base[len("http://"):]
-	newTh := func() (*throttle, error) {
-		th, err := newThrottle(up, o.rtt, b.mbps())
-		if err == nil {
-			b.closers = append(b.closers, th.Close)
-		}
-		return th, err
+	frontLog, err := os.Create(filepath.Join(work, "front.log"))
+	if err != nil {
+		return b, err
 	}
+	b.closers = append(b.closers, func() { frontLog.Close() })
+	if b.front, err = newFront(b.upstream.base[len("http://"):], ts, frontLog); err != nil {
+		return b, err
+	}
+	b.closers = append(b.closers, b.front.Close)
+	up := b.front.Addr()
+	newTh := func() (*throttle, error) { return b.newThrottle(up, 0) }
 	nmTh, err := newTh()
 	if err != nil {
 		return b, err
@@ -107,6 +117,9 @@ func setup(ctx context.Context, o *options, work string) (*bench, error) {
 		return b, err
 	}
 	if b.directTh, err = newTh(); err != nil {
+		return b, err
+	}
+	if b.coldTh, err = newTh(); err != nil {
 		return b, err
 	}
 	dport, err := freePort()
@@ -129,8 +142,14 @@ func setup(ctx context.Context, o *options, work string) (*bench, error) {
 	if o.want("pull") {
 		if os.Geteuid() != 0 {
 			b.note("scenario 5 (containerd pull) skipped: containerd needs root")
-		} else if b.ctrd, err = startContainerd(ctx, work); err != nil {
-			return b, err
+		} else {
+			e, err := debianContainerd()
+			if err != nil {
+				return b, err
+			}
+			if b.ctrd, err = startContainerd(ctx, work, "containerd", e); err != nil {
+				return b, err
+			}
 		}
 	}
 	log.Printf("servers up: upstream %s, node-mirror %s, reference %s, nginx %s", b.upstream.base, b.nm.base, b.ref.base, b.nginx.base)
@@ -160,8 +179,19 @@ func (b *bench) seed(ctx context.Context) error {
 			}
 		}
 	}
+	if o.want("cold") || o.want("ctrcold") || o.want("sweep") {
+		jobs = append(jobs, seedJob{repo: "bench/cold", sizes: []int64{int64(o.coldSize)}, out: &b.cold})
+		total += int64(o.coldSize)
+	}
+	if o.want("fleet") {
+		b.fleetImgs = make([]pushed, o.fleetRepeat)
+		for r := range o.fleetRepeat {
+			jobs = append(jobs, seedJob{repo: fmt.Sprintf("bench/fleet-%d", r), sizes: pullSizes(int64(o.fleetSize), o.fleetLayers), out: &b.fleetImgs[r]})
+			total += int64(o.fleetSize)
+		}
+	}
 	log.Printf("seeding upstream with %d images, %s", len(jobs), fmtBytes(total))
-	if err := seedAll(ctx, b.upstream.base[len("http://"):], jobs); err != nil {
+	if err := seedAll(ctx, b.front.Addr(), jobs); err != nil {
 		return err
 	}
 	log.Printf("seeded in %v", time.Since(start).Round(100*time.Millisecond))
@@ -215,12 +245,20 @@ func (b *bench) runScenarios(ctx context.Context) error {
 		{"fresh", b.scenarioFresh},
 		{"herd", b.scenarioHerd},
 		{"pull", b.scenarioPull},
+		{"cold", b.scenarioCold},
+		{"ctrcold", b.scenarioCtrCold},
+		{"sweep", b.scenarioSweep},
+		{"fleet", b.scenarioFleet},
 	}
 	for _, s := range steps {
 		if !b.o.want(s.name) {
 			continue
 		}
 		if s.name == "pull" && b.ctrd == nil {
+			continue
+		}
+		if s.name == "ctrcold" && os.Geteuid() != 0 {
+			b.note("scenario 9 (containerd cold pull) skipped: containerd needs root")
 			continue
 		}
 		start := time.Now()
@@ -395,7 +433,7 @@ func (b *bench) scenarioFresh(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	moved, err := pushImage(ctx, b.upstream.base[len("http://"):], "bench/fresh", img)
+	moved, err := pushImage(ctx, b.front.Addr(), "bench/fresh", img)
 	if err != nil {
 		return err
 	}
@@ -473,7 +511,7 @@ func (b *bench) scenarioPull(ctx context.Context) error {
 		for _, c := range rotate([]string{nodeMirror, reference, direct}, r) {
 			p := b.pull[c][r]
 			before := ths[c].down.Load()
-			took, err := b.ctrd.fetch(ctx, hosts[c], "docker.io/"+p.repo+":latest")
+			took, _, err := b.ctrd.fetch(ctx, hosts[c], "docker.io/"+p.repo+":latest")
 			if err != nil {
 				return fmt.Errorf("%s: %w", c, err)
 			}
@@ -523,24 +561,29 @@ func (b *bench) profile(ctx context.Context, scenario string, load func(context.
 		return fmt.Errorf("heap profile: %w", err)
 	}
 	ps := profileSummary{scenario: scenario, cpuFile: cpuFile, heapFile: heapFile}
-	if goBin, err := lookPath("go"); err == nil {
-		for _, f := range []struct{ in, args string }{{cpuFile, "-top"}, {heapFile, "-sample_index=alloc_space -top"}} {
-			args := append([]string{"tool", "pprof"}, strings.Fields(f.args)...)
-			args = append(args, "-nodecount=25", b.o.bin, f.in)
-			out, err := exec.CommandContext(ctx, goBin, args...).Output()
-			if err != nil {
-				b.note("go tool pprof %s: %v", f.in, err)
-				continue
-			}
-			os.WriteFile(f.in+".txt", out, 0o644)
-			if f.in == cpuFile {
-				ps.top = string(out)
-			}
-		}
-	}
+	ps.top = b.pprofTop(ctx, cpuFile, "-top")
+	b.pprofTop(ctx, heapFile, "-sample_index=alloc_space -top")
 	b.profiles = append(b.profiles, ps)
 	log.Printf("  profiles: %s, %s", cpuFile, heapFile)
 	return nil
+}
+
+// pprofTop writes `go tool pprof <args>` of a profile beside it as .txt and returns it
+// ("" if go is not there or pprof fails, which is noted).
+func (b *bench) pprofTop(ctx context.Context, file, args string) string {
+	goBin, err := lookPath("go")
+	if err != nil {
+		return ""
+	}
+	argv := append([]string{"tool", "pprof"}, strings.Fields(args)...)
+	argv = append(argv, "-nodecount=25", b.o.bin, file)
+	out, err := exec.CommandContext(ctx, goBin, argv...).Output()
+	if err != nil {
+		b.note("go tool pprof %s: %v", file, err)
+		return ""
+	}
+	os.WriteFile(file+".txt", out, 0o644)
+	return string(out)
 }
 
 func saveURL(ctx context.Context, url, file string) error {

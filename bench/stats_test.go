@@ -115,7 +115,6 @@ func TestTokenMint(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ts.Close()
 	acc := parseScopes([]string{"repository:bench/hot:pull,push repository:a/b:pull"})
 	if len(acc) != 2 || acc[0].Name != "bench/hot" || len(acc[0].Actions) != 2 || acc[1].Name != "a/b" {
 		t.Fatalf("parseScopes = %+v", acc)

@@ -10,14 +10,16 @@ import (
 
 // throttle is a TCP proxy that makes a loopback registry look like one on the internet:
 // every connection gets an added round-trip time and a bandwidth cap of its own, in each
-// direction, the way a registry's CDN serves one TCP stream. It counts the bytes that pass
-// from upstream to the cache, which is how the herd scenario tells how often a blob was
-// fetched.
+// direction, the way a registry's CDN serves one TCP stream. Optionally all connections
+// also share one cap from upstream to the clients: the uplink of a cluster that reaches
+// the internet through one link. It counts the bytes that pass from upstream to the
+// cache, which is how the scenarios tell how often a blob was fetched.
 type throttle struct {
 	ln     net.Listener
 	target string
 	rtt    time.Duration // added round-trip time; half of it is added in each direction
 	rate   float64       // bytes per second per connection and direction; <= 0 is unlimited
+	uplink *sharedPacer  // the cap shared by every connection, upstream to client; nil: none
 
 	shaping atomic.Bool  // off: bytes pass at loopback speed (seeding caches for hot scenarios)
 	down    atomic.Int64 // bytes upstream → client
@@ -30,12 +32,17 @@ type throttle struct {
 	closed bool
 }
 
-func newThrottle(target string, rtt time.Duration, rate float64) (*throttle, error) {
+// newThrottle forwards to target with rtt and rate per connection and, when total > 0,
+// at most total bytes per second from upstream summed over all connections.
+func newThrottle(target string, rtt time.Duration, rate, total float64) (*throttle, error) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return nil, err
 	}
 	t := &throttle{ln: ln, target: target, rtt: rtt, rate: rate, open: map[net.Conn]struct{}{}}
+	if total > 0 {
+		t.uplink = &sharedPacer{p: newPacer(total, 64<<10)}
+	}
 	t.shaping.Store(true)
 	t.wg.Add(1)
 	go t.serve()
@@ -43,6 +50,13 @@ func newThrottle(target string, rtt time.Duration, rate float64) (*throttle, err
 }
 
 func (t *throttle) Addr() string { return t.ln.Addr().String() }
+
+// active is how many client connections are open now.
+func (t *throttle) active() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return len(t.open) / 2 // each has its client and its server side, once dialled
+}
 
 // Close stops accepting, cuts every open connection and waits for the copiers.
 func (t *throttle) Close() {
@@ -107,8 +121,8 @@ func (t *throttle) handle(client net.Conn) {
 	defer t.untrack(server)
 	var wg sync.WaitGroup
 	wg.Add(2)
-	go func() { defer wg.Done(); t.pipe(server, client, &t.up) }()
-	go func() { defer wg.Done(); t.pipe(client, server, &t.down) }()
+	go func() { defer wg.Done(); t.pipe(server, client, &t.up, nil) }()
+	go func() { defer wg.Done(); t.pipe(client, server, &t.down, t.uplink) }()
 	wg.Wait()
 }
 
@@ -120,8 +134,9 @@ type chunk struct {
 var chunkPool = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
 
 // pipe copies src to dst, delaying each chunk by half the round-trip time and pacing the
-// stream to the rate, while the reader keeps reading so delay does not cut throughput.
-func (t *throttle) pipe(dst, src net.Conn, count *atomic.Int64) {
+// stream to the rate (and to the shared cap, if any), while the reader keeps reading so
+// delay does not cut throughput.
+func (t *throttle) pipe(dst, src net.Conn, count *atomic.Int64, shared *sharedPacer) {
 	chunks := make(chan chunk, 256) // bounds what one direction buffers: 8 MiB
 	go func() {
 		defer close(chunks)
@@ -146,7 +161,12 @@ func (t *throttle) pipe(dst, src net.Conn, count *atomic.Int64) {
 				if wait := time.Until(c.at.Add(t.rtt / 2)); wait > 0 {
 					time.Sleep(wait)
 				}
-				if wait := p.reserve(time.Now(), len(c.b)); wait > 0 {
+				now := time.Now()
+				wait := p.reserve(now, len(c.b))
+				if shared != nil {
+					wait = max(wait, shared.reserve(now, len(c.b)))
+				}
+				if wait > 0 {
 					time.Sleep(wait)
 				}
 			}
@@ -189,6 +209,9 @@ func (p *pacer) reserve(now time.Time, n int) time.Duration {
 	if p.rate <= 0 {
 		return 0
 	}
+	if now.Before(p.last) {
+		now = p.last // a shared pacer's callers read the clock before they queue for it
+	}
 	if !p.last.IsZero() {
 		p.tokens += now.Sub(p.last).Seconds() * p.rate
 		if p.tokens > p.burst {
@@ -201,4 +224,18 @@ func (p *pacer) reserve(now time.Time, n int) time.Duration {
 		return 0
 	}
 	return time.Duration(-p.tokens / p.rate * float64(time.Second))
+}
+
+// sharedPacer is a pacer that several streams draw from at once. Each reservation queues
+// behind the debt of the others, so the streams together keep to the rate and each gets
+// its turn in the order it asked.
+type sharedPacer struct {
+	mu sync.Mutex
+	p  *pacer
+}
+
+func (s *sharedPacer) reserve(now time.Time, n int) time.Duration {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.p.reserve(now, n)
 }
