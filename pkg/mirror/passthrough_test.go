@@ -32,11 +32,34 @@ func tinyFS(t *testing.T, size string) string {
 		t.Fatalf("mounting a %s tmpfs (the disk-full tests need root): %v: %s", size, err, out)
 	}
 	t.Cleanup(func() {
-		if out, err := exec.Command("umount", dir).CombinedOutput(); err != nil {
-			t.Errorf("unmounting %s: %v: %s", dir, err, out)
+		// A file closed a moment ago can keep the mount busy for a moment on a loaded
+		// machine; a file still open here after seconds is a leak, and is named.
+		var out []byte
+		var err error
+		for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+			if out, err = exec.Command("umount", dir).CombinedOutput(); err == nil {
+				return
+			}
+			if time.Now().After(deadline) {
+				break
+			}
 		}
+		t.Errorf("unmounting %s: %v: %s; files of this process open there: %v", dir, err, out, openFilesUnder(dir))
+		exec.Command("umount", "-l", dir).Run() // do not leave the mount behind for the next test
 	})
 	return dir
+}
+
+// openFilesUnder lists this process's open files below dir.
+func openFilesUnder(dir string) []string {
+	var open []string
+	fds, _ := os.ReadDir("/proc/self/fd")
+	for _, fd := range fds {
+		if target, err := os.Readlink("/proc/self/fd/" + fd.Name()); err == nil && strings.HasPrefix(target, dir) {
+			open = append(open, target)
+		}
+	}
+	return open
 }
 
 // fill leaves about leave bytes free on the filesystem of dir (none when the disk is
