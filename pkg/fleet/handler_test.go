@@ -243,7 +243,9 @@ func TestPeerAPIAuthentication(t *testing.T) {
 	req := chunkReq(blob, 1000, 5000)
 	target := req.target()
 	other := chunkReq(blob, 6000, 5000).target()
-	now := time.Now()
+	// Each request is signed when it is built, not at the test's start: a loaded machine
+	// may take seconds to reach the last case, and the window is checked to the second.
+	now := time.Now
 
 	tests := []struct {
 		name string
@@ -251,110 +253,110 @@ func TestPeerAPIAuthentication(t *testing.T) {
 		build func() *http.Request
 		ok    bool
 	}{
-		{"valid", func() *http.Request { return signed(t, base, "GET", target, testKey, "node-a", now) }, true},
+		{"valid", func() *http.Request { return signed(t, base, "GET", target, testKey, "node-a", now()) }, true},
 		{"valid, 20s old", func() *http.Request {
-			return signed(t, base, "GET", target, testKey, "node-a", now.Add(-20*time.Second))
+			return signed(t, base, "GET", target, testKey, "node-a", now().Add(-20*time.Second))
 		}, true},
 		{"valid, 20s ahead", func() *http.Request {
-			return signed(t, base, "GET", target, testKey, "node-a", now.Add(20*time.Second))
+			return signed(t, base, "GET", target, testKey, "node-a", now().Add(20*time.Second))
 		}, true},
 		{"no headers", func() *http.Request {
 			r, _ := http.NewRequest("GET", base+target, nil)
 			return r
 		}, false},
 		{"no signature", func() *http.Request {
-			r := signed(t, base, "GET", target, testKey, "node-a", now)
+			r := signed(t, base, "GET", target, testKey, "node-a", now())
 			r.Header.Del(HeaderSignature)
 			return r
 		}, false},
 		{"no time", func() *http.Request {
-			r := signed(t, base, "GET", target, testKey, "node-a", now)
+			r := signed(t, base, "GET", target, testKey, "node-a", now())
 			r.Header.Del(HeaderTime)
 			return r
 		}, false},
 		{"no peer", func() *http.Request {
-			r := signed(t, base, "GET", target, testKey, "node-a", now)
+			r := signed(t, base, "GET", target, testKey, "node-a", now())
 			r.Header.Del(HeaderPeer)
 			return r
 		}, false},
-		{"wrong key", func() *http.Request { return signed(t, base, "GET", target, otherKey, "node-a", now) }, false},
+		{"wrong key", func() *http.Request { return signed(t, base, "GET", target, otherKey, "node-a", now()) }, false},
 		{"fleet key itself, not the derived one", func() *http.Request {
 			r, _ := http.NewRequest("GET", base+target, nil)
-			signer{key: testKey}.sign(r, "node-a", now)
+			signer{key: testKey}.sign(r, "node-a", now())
 			return r
 		}, false},
 		{"tampered path", func() *http.Request {
-			r := signed(t, base, "GET", target, testKey, "node-a", now)
+			r := signed(t, base, "GET", target, testKey, "node-a", now())
 			r.URL.Path = blobsPath + digest.FromString("other").String()
 			return r
 		}, false},
 		{"tampered query value", func() *http.Request {
-			r := signed(t, base, "GET", target, testKey, "node-a", now)
+			r := signed(t, base, "GET", target, testKey, "node-a", now())
 			r.URL.RawQuery = strings.Replace(r.URL.RawQuery, "offset=1000", "offset=2000", 1)
 			return r
 		}, false},
 		{"tampered registry", func() *http.Request {
-			r := signed(t, base, "GET", target, testKey, "node-a", now)
+			r := signed(t, base, "GET", target, testKey, "node-a", now())
 			r.URL.RawQuery = strings.Replace(r.URL.RawQuery, "registry=docker.io", "registry=ghcr.io", 1)
 			return r
 		}, false},
 		{"query parameter appended", func() *http.Request {
-			r := signed(t, base, "GET", target, testKey, "node-a", now)
+			r := signed(t, base, "GET", target, testKey, "node-a", now())
 			r.URL.RawQuery += "&x=1"
 			return r
 		}, false},
 		{"query reordered", func() *http.Request {
-			r := signed(t, base, "GET", target, testKey, "node-a", now)
+			r := signed(t, base, "GET", target, testKey, "node-a", now())
 			q := strings.Split(r.URL.RawQuery, "&")
 			q[0], q[1] = q[1], q[0]
 			r.URL.RawQuery = strings.Join(q, "&")
 			return r
 		}, false},
 		{"tampered method", func() *http.Request {
-			r := signed(t, base, "GET", target, testKey, "node-a", now)
+			r := signed(t, base, "GET", target, testKey, "node-a", now())
 			r.Method = "HEAD"
 			return r
 		}, false},
 		{"tampered peer name", func() *http.Request {
-			r := signed(t, base, "GET", target, testKey, "node-a", now)
+			r := signed(t, base, "GET", target, testKey, "node-a", now())
 			r.Header.Set(HeaderPeer, "node-b")
 			return r
 		}, false},
 		{"tampered time", func() *http.Request {
-			r := signed(t, base, "GET", target, testKey, "node-a", now)
-			r.Header.Set(HeaderTime, fmt.Sprint(now.Unix()+1))
+			r := signed(t, base, "GET", target, testKey, "node-a", now())
+			r.Header.Set(HeaderTime, fmt.Sprint(now().Unix()+1))
 			return r
 		}, false},
 		{"time with a sign", func() *http.Request {
-			r := signed(t, base, "GET", target, testKey, "node-a", now)
+			r := signed(t, base, "GET", target, testKey, "node-a", now())
 			r.Header.Set(HeaderTime, "+"+r.Header.Get(HeaderTime))
 			return r
 		}, false},
 		{"expired", func() *http.Request {
-			return signed(t, base, "GET", target, testKey, "node-a", now.Add(-31*time.Second))
+			return signed(t, base, "GET", target, testKey, "node-a", now().Add(-signatureWindow-5*time.Second))
 		}, false},
-		{"long expired", func() *http.Request { return signed(t, base, "GET", target, testKey, "node-a", now.Add(-24*time.Hour)) }, false},
+		{"long expired", func() *http.Request { return signed(t, base, "GET", target, testKey, "node-a", now().Add(-24*time.Hour)) }, false},
 		{"future", func() *http.Request {
-			return signed(t, base, "GET", target, testKey, "node-a", now.Add(31*time.Second))
+			return signed(t, base, "GET", target, testKey, "node-a", now().Add(signatureWindow+5*time.Second))
 		}, false},
 		{"replayed on another path", func() *http.Request {
-			r := signed(t, base, "GET", target, testKey, "node-a", now)
-			r2 := signed(t, base, "GET", other, testKey, "node-a", now)
+			r := signed(t, base, "GET", target, testKey, "node-a", now())
+			r2 := signed(t, base, "GET", other, testKey, "node-a", now())
 			r2.Header = r.Header.Clone()
 			return r2
 		}, false},
 		{"signature twice", func() *http.Request {
-			r := signed(t, base, "GET", target, testKey, "node-a", now)
+			r := signed(t, base, "GET", target, testKey, "node-a", now())
 			r.Header.Add(HeaderSignature, r.Header.Get(HeaderSignature))
 			return r
 		}, false},
 		{"signature upper-case hex", func() *http.Request {
-			r := signed(t, base, "GET", target, testKey, "node-a", now)
+			r := signed(t, base, "GET", target, testKey, "node-a", now())
 			r.Header.Set(HeaderSignature, strings.ToUpper(r.Header.Get(HeaderSignature)))
 			return r
 		}, true}, // the same bytes: hex decoding is case-insensitive, the MAC is what counts
 		{"signature truncated", func() *http.Request {
-			r := signed(t, base, "GET", target, testKey, "node-a", now)
+			r := signed(t, base, "GET", target, testKey, "node-a", now())
 			r.Header.Set(HeaderSignature, r.Header.Get(HeaderSignature)[:62])
 			return r
 		}, false},
@@ -565,10 +567,12 @@ func TestPeerAPIManifestAuthentication(t *testing.T) {
 	d := src.addManifest(testManifestBody(1000), ociManifest)
 	base, _ := peerServer(t, src)
 	target := manifestReq(d).target()
-	now := time.Now()
+	// Each request is signed when it is built, not at the test's start: a loaded machine
+	// may take seconds to reach the last case, and the window is checked to the second.
+	now := time.Now
 	tamper := func(f func(r *http.Request)) func() *http.Request {
 		return func() *http.Request {
-			r := signed(t, base, "GET", target, testKey, "node-a", now)
+			r := signed(t, base, "GET", target, testKey, "node-a", now())
 			f(r)
 			return r
 		}
@@ -579,12 +583,12 @@ func TestPeerAPIManifestAuthentication(t *testing.T) {
 		ok    bool
 	}{
 		{"valid", tamper(func(*http.Request) {}), true},
-		{"valid head", func() *http.Request { return signed(t, base, "HEAD", target, testKey, "node-a", now) }, true},
+		{"valid head", func() *http.Request { return signed(t, base, "HEAD", target, testKey, "node-a", now()) }, true},
 		{"no headers", func() *http.Request {
 			r, _ := http.NewRequest("GET", base+target, nil)
 			return r
 		}, false},
-		{"wrong key", func() *http.Request { return signed(t, base, "GET", target, otherKey, "node-a", now) }, false},
+		{"wrong key", func() *http.Request { return signed(t, base, "GET", target, otherKey, "node-a", now()) }, false},
 		{"tampered digest", tamper(func(r *http.Request) {
 			r.URL.Path = manifestsPath + digest.FromString("other").String()
 		}), false},
@@ -609,12 +613,12 @@ func TestPeerAPIManifestAuthentication(t *testing.T) {
 		{"tampered method", tamper(func(r *http.Request) { r.Method = "HEAD" }), false},
 		{"tampered peer name", tamper(func(r *http.Request) { r.Header.Set(HeaderPeer, "node-b") }), false},
 		{"expired", func() *http.Request {
-			return signed(t, base, "GET", target, testKey, "node-a", now.Add(-31*time.Second))
+			return signed(t, base, "GET", target, testKey, "node-a", now().Add(-signatureWindow-5*time.Second))
 		}, false},
 		{"a chunk request's signature", func() *http.Request {
 			blob := testBlob(100)
-			r := signed(t, base, "GET", target, testKey, "node-a", now)
-			r.Header = signed(t, base, "GET", chunkReq(blob, 0, 100).target(), testKey, "node-a", now).Header
+			r := signed(t, base, "GET", target, testKey, "node-a", now())
+			r.Header = signed(t, base, "GET", chunkReq(blob, 0, 100).target(), testKey, "node-a", now()).Header
 			return r
 		}, false},
 	}
