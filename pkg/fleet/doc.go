@@ -9,7 +9,10 @@
 // key, so a node with another key cannot join: its join fails and no member lists it.
 // Config.Join names members by address or DNS name (a Kubernetes headless Service); they
 // are joined in the background, with backoff, until one answers, and again whenever this
-// node finds itself alone. Each member's memberlist metadata is JSON
+// node finds itself alone. Every 15 s or so a member also tries to join one member it saw
+// fail, so the two sides of a partition become one fleet again once the network heals
+// (within the 10 minutes a failed member stays listed; after that, through Join when a
+// side is a single node, or a restart). Each member's memberlist metadata is JSON
 // {"v":1,"peer":"host:port"} carrying its peer API address (Config.PeerAdvertise).
 //
 // Members lists the members with their state: alive (memberlist's live set, which counts

@@ -83,6 +83,9 @@ type Config struct {
 	MaxManifestSize int64
 
 	health healthPolicy // tests shorten it
+	// transport replaces memberlist's own network transport: tests cut the network with
+	// it. GossipListen must then name the port it is bound to.
+	transport memberlist.NodeAwareTransport
 }
 
 const (
@@ -99,7 +102,12 @@ const (
 	joinMin    = 500 * time.Millisecond
 	joinMax    = 30 * time.Second
 	aloneCheck = 5 * time.Second
-	metaV1     = 1
+	// Every reconnectEvery a member tries to join one member it saw fail (as serf does).
+	// Memberlist gossips to a dead member for GossipToTheDeadTime only and then forgets
+	// it, so without this the two sides of a partition that outlasts that stay two fleets
+	// after the network heals, each fetching from upstream what the other has.
+	reconnectEvery = 15 * time.Second
+	metaV1         = 1
 )
 
 // nodeMeta is the memberlist metadata of a member (at most memberlist.MetaMaxSize bytes).
@@ -132,6 +140,7 @@ type Fleet struct {
 	closed       bool
 	wakeJoin     chan struct{} // a member left: check whether we are alone
 	joinAttempts atomic.Int64
+	reconnected  atomic.Int64 // reconnects that reached the member
 
 	cancel    context.CancelFunc
 	wg        sync.WaitGroup
@@ -187,9 +196,7 @@ func Start(ctx context.Context, cfg Config) (*Fleet, error) {
 	}
 	var jctx context.Context
 	jctx, f.cancel = context.WithCancel(ctx)
-	if len(cfg.Join) > 0 {
-		f.wg.Go(func() { f.joinLoop(jctx) })
-	}
+	f.wg.Go(func() { f.joinLoop(jctx) })
 	f.log.Info("fleet started", "node", f.name, "gossip", f.GossipAddr(), "peer", cfg.PeerAdvertise, "tls", f.scheme == "https")
 	return f, nil
 }
@@ -320,6 +327,9 @@ func (f *Fleet) memberlistConfig() (*memberlist.Config, error) {
 	mc.Delegate = delegate{f}
 	mc.Events = events{f}
 	mc.Logger = log.New(mlLog{f.log, "memberlist"}, "", 0)
+	if f.cfg.transport != nil {
+		mc.Transport = f.cfg.transport
+	}
 	return mc, nil
 }
 
@@ -604,12 +614,15 @@ func (f *Fleet) setLeaving() {
 }
 
 // joinLoop joins through cfg.Join whenever this node is alone: at start, and after the
-// others left or a partition cut it off. Failures back off from joinMin to joinMax.
+// others left or a partition cut it off. Failures back off from joinMin to joinMax. It
+// also joins a member seen failing now and then (reconnect), which merges the two sides
+// of a partition once the network is back.
 func (f *Fleet) joinLoop(ctx context.Context) {
 	backoff := joinMin
 	failures := 0
+	nextReconnect := time.Now().Add(jitter(reconnectEvery))
 	for {
-		if f.ml.NumMembers() <= 1 {
+		if len(f.cfg.Join) > 0 && f.ml.NumMembers() <= 1 {
 			var err error
 			for _, addr := range f.cfg.Join {
 				if ctx.Err() != nil {
@@ -634,13 +647,17 @@ func (f *Fleet) joinLoop(ctx context.Context) {
 					err = errors.New("only this node answered")
 				}
 				f.log.Log(ctx, lvl, "fleet: no member to join yet; retrying", "join", f.cfg.Join, "attempts", failures, "err", err)
-				wait := backoff/2 + rand.N(backoff/2+1) // jitter: members started together spread out
+				wait := jitter(backoff) // members started together spread out
 				backoff = min(2*backoff, joinMax)
 				if !sleep(ctx, wait) {
 					return
 				}
 				continue
 			}
+		}
+		if !time.Now().Before(nextReconnect) {
+			f.reconnect()
+			nextReconnect = time.Now().Add(jitter(reconnectEvery))
 		}
 		select {
 		case <-ctx.Done():
@@ -649,6 +666,37 @@ func (f *Fleet) joinLoop(ctx context.Context) {
 		case <-time.After(aloneCheck):
 		}
 	}
+}
+
+// jitter returns a duration between d/2 and d.
+func jitter(d time.Duration) time.Duration { return d/2 + rand.N(d/2+1) }
+
+// reconnect tries to join one member, picked at random, that failed (not left) and is
+// still listed. One that is really gone costs one refused or timed-out dial.
+func (f *Fleet) reconnect() {
+	f.mu.Lock()
+	f.forgetLocked(time.Now())
+	var failed []*peer
+	for _, p := range f.peers {
+		if !p.Self && p.State == StateDead && p.GossipAddr != "" {
+			failed = append(failed, p)
+		}
+	}
+	var name, addr string
+	if len(failed) > 0 {
+		p := failed[rand.N(len(failed))]
+		name, addr = p.Name, p.GossipAddr
+	}
+	f.mu.Unlock()
+	if addr == "" {
+		return
+	}
+	if _, err := f.ml.Join([]string{addr}); err != nil {
+		f.log.Debug("fleet: failed member still unreachable", "peer", name, "gossip", addr, "err", err)
+		return
+	}
+	f.reconnected.Add(1)
+	f.log.Info("fleet: reached a member that had failed; merging", "peer", name, "gossip", addr)
 }
 
 func sleep(ctx context.Context, d time.Duration) bool {
