@@ -335,7 +335,9 @@ func TestPeerAPIAuthentication(t *testing.T) {
 		{"expired", func() *http.Request {
 			return signed(t, base, "GET", target, testKey, "node-a", now().Add(-signatureWindow-5*time.Second))
 		}, false},
-		{"long expired", func() *http.Request { return signed(t, base, "GET", target, testKey, "node-a", now().Add(-24*time.Hour)) }, false},
+		{"long expired", func() *http.Request {
+			return signed(t, base, "GET", target, testKey, "node-a", now().Add(-24*time.Hour))
+		}, false},
 		{"future", func() *http.Request {
 			return signed(t, base, "GET", target, testKey, "node-a", now().Add(signatureWindow+5*time.Second))
 		}, false},
