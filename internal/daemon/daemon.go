@@ -400,7 +400,7 @@ func (d *Daemon) newClients(cfg config.Config) (map[string]*upstream.Client, err
 		}
 		cl, err := upstream.New(r.Name, r.Endpoints, r.Username, r.Password, upstream.Options{
 			UserAgent: "node-mirror/" + d.opts.Version, Logger: d.log, Observe: d.met.ObserveUpstream(r.Name),
-			EndpointCredentials: epCreds,
+			EndpointCredentials: epCreds, TrustedHosts: r.TrustedHosts,
 		})
 		if err != nil {
 			return nil, err

@@ -176,6 +176,10 @@ type Registry struct {
 	PasswordFile string `toml:"password_file"`
 	// EndpointCredentials give other endpoints, such as a corporate mirror, their own.
 	EndpointCredentials []EndpointCredentials `toml:"endpoint_credentials"`
+	// TrustedHosts (host[:port], port 443 when absent) may be reached by this registry's
+	// redirects and token realms at private addresses too: an on-premises registry whose
+	// token server or storage is another private host. https only, as for any other host.
+	TrustedHosts []string `toml:"trusted_hosts"`
 }
 
 // EndpointCredentials are the credentials of one endpoint of a registry.
@@ -356,6 +360,11 @@ func (c *Config) Validate() error {
 		}
 		if err := r.validateEndpointCredentials(); err != nil {
 			return fmt.Errorf("registry %q: %w", r.Name, err)
+		}
+		for _, h := range r.TrustedHosts {
+			if err := regname.Check(h); err != nil {
+				return fmt.Errorf("registry %q: trusted_hosts: %w", r.Name, err)
+			}
 		}
 	}
 	if c.DefaultRegistry != "" {

@@ -153,6 +153,15 @@ func TestValidate(t *testing.T) {
 		{"endpoint credentials without secret", func(c *Config) {
 			c.Registries = []Registry{{Name: "a.io", EndpointCredentials: []EndpointCredentials{{Host: "a.io"}}}}
 		}, "no username or password"},
+		{"trusted hosts", func(c *Config) {
+			c.Registries = []Registry{{Name: "registry.gitlab.corp", TrustedHosts: []string{"gitlab.corp", "10.0.0.7:8443"}}}
+		}, ""},
+		{"trusted host with a scheme", func(c *Config) {
+			c.Registries = []Registry{{Name: "registry.gitlab.corp", TrustedHosts: []string{"https://gitlab.corp"}}}
+		}, `trusted_hosts: registry "https://gitlab.corp"`},
+		{"trusted host with a path", func(c *Config) {
+			c.Registries = []Registry{{Name: "registry.gitlab.corp", TrustedHosts: []string{"gitlab.corp/jwt/auth"}}}
+		}, `trusted_hosts`},
 		{"endpoint credentials, missing password file", func(c *Config) {
 			c.Registries = []Registry{{Name: "a.io", EndpointCredentials: []EndpointCredentials{{Host: "a.io", PasswordFile: "/nonexistent/pw"}}}}
 		}, "/nonexistent/pw"},

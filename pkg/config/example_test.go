@@ -50,3 +50,25 @@ func TestExampleFleetTable(t *testing.T) {
 		t.Fatalf("fleet table: %+v", c.Fleet)
 	}
 }
+
+// The example's commented trusted_hosts line is a real key of the registry it sits in.
+func TestExampleTrustedHosts(t *testing.T) {
+	b, err := os.ReadFile("../../examples/config.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := strings.Replace(string(b), "# trusted_hosts = ", "trusted_hosts = ", 1)
+	if s == string(b) {
+		t.Fatal("the example has no trusted_hosts line")
+	}
+	c, err := Load(write(t, s))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	if got := c.Registries[0].TrustedHosts; len(got) != 1 || got[0] != "gitlab.corp.example" {
+		t.Fatalf("docker.io trusted_hosts = %q", got)
+	}
+}

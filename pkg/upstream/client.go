@@ -15,6 +15,7 @@ import (
 	"net/http"
 	"net/netip"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -77,6 +78,12 @@ type Options struct {
 	// mirror) credentials of their own, by the endpoint's host[:port]. No endpoint ever
 	// receives another's.
 	EndpointCredentials map[string]Credentials
+	// TrustedHosts are host[:port]s (port 443 when absent) that redirects and token realms
+	// of this registry may reach wherever they resolve, private addresses included: an
+	// on-premises registry whose token server (GitLab's /jwt/auth) or storage is another
+	// private host. The other rules stand: https only, and credentials only where Realm
+	// and Redirect allow them.
+	TrustedHosts []string
 	// AllowAddr, when set, lets the client reach addresses it refuses as non-public
 	// (loopback, private, link-local) beyond the configured endpoints. It is a test seam
 	// (an https "CDN" in a test can only be on loopback) and nil in production.
@@ -103,6 +110,10 @@ type Client struct {
 	// containerd calls from inside it, answers for the challenge just judged.
 	challengeMu sync.Mutex
 	pending     pendingCreds
+
+	// allow admits non-public literal addresses: the trusted hosts that are addresses,
+	// and the AllowAddr test seam.
+	allow func(netip.AddrPort) bool
 
 	mu     sync.Mutex
 	auth   docker.Authorizer
@@ -144,8 +155,8 @@ func newDialer() *net.Dialer {
 // they resolve, and anything else, such as a redirect target or a token realm, only at
 // public addresses. Behind a proxy, the proxy resolves names; literal addresses are
 // still judged by the redirect and realm rules.
-func guard(t *http.Transport, endpoints []*url.URL, allow func(netip.AddrPort) bool) {
-	var trusted []string
+func guard(t *http.Transport, endpoints []*url.URL, trustedHosts []string, allow func(netip.AddrPort) bool) {
+	trusted := slices.Clone(trustedHosts)
 	for _, ep := range endpoints {
 		trusted = append(trusted, netguard.HostPort(ep))
 	}
@@ -198,6 +209,13 @@ func New(name string, endpoints []string, username, password string, opts Option
 			return nil, fmt.Errorf("registry %s: credentials for %q, which is not the host of any of its endpoints", name, host)
 		}
 	}
+	trustedHosts, trustedAddrs, err := parseTrustedHosts(opts.TrustedHosts)
+	if err != nil {
+		return nil, fmt.Errorf("registry %s: %w", name, err)
+	}
+	c.allow = func(ap netip.AddrPort) bool {
+		return trustedAddrs[netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())] || opts.AllowAddr != nil && opts.AllowAddr(ap)
+	}
 	if c.opts.MaxAttempts <= 0 {
 		c.opts.MaxAttempts = 3
 	}
@@ -223,7 +241,7 @@ func New(name string, endpoints []string, username, password string, opts Option
 		if c.opts.HeaderTimeout > 0 {
 			t.ResponseHeaderTimeout = c.opts.HeaderTimeout
 		}
-		guard(t, c.endpoints, c.opts.AllowAddr)
+		guard(t, c.endpoints, trustedHosts, c.allow)
 		rt = t
 	}
 	c.http = &http.Client{Transport: rt, CheckRedirect: c.checkRedirect}
@@ -236,6 +254,31 @@ func New(name string, endpoints []string, username, password string, opts Option
 	}
 	c.auth = c.newAuth()
 	return c, nil
+}
+
+// parseTrustedHosts returns the host:ports of hosts (port 443 when absent), and those
+// that are IP addresses as such.
+func parseTrustedHosts(hosts []string) ([]string, map[netip.AddrPort]bool, error) {
+	var hps []string
+	addrs := map[netip.AddrPort]bool{}
+	for _, h := range hosts {
+		u, err := url.Parse("https://" + h)
+		if err != nil || u.Host != h || u.Hostname() == "" || u.Path != "" || u.RawQuery != "" || u.Fragment != "" ||
+			strings.HasSuffix(h, ":") || u.Port() != "" && !validPort(u.Port()) {
+			return nil, nil, fmt.Errorf("trusted host %q is not host[:port]", h)
+		}
+		hp := netguard.HostPort(u)
+		hps = append(hps, hp)
+		if ap, err := netip.ParseAddrPort(hp); err == nil {
+			addrs[netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())] = true
+		}
+	}
+	return hps, addrs, nil
+}
+
+func validPort(p string) bool {
+	n, err := strconv.ParseUint(p, 10, 16)
+	return err == nil && n > 0
 }
 
 // APIHost is where a registry's API lives: registry-1.docker.io for docker.io, the
@@ -286,7 +329,7 @@ func (c *Client) checkRedirect(req *http.Request, via []*http.Request) error {
 	if len(via) > maxRedirects {
 		return &netguard.DeniedError{Target: req.URL.Redacted(), Reason: fmt.Sprintf("more than %d redirects", maxRedirects)}
 	}
-	v := netguard.Redirect(ep, via[len(via)-1].URL, req.URL, c.opts.AllowAddr)
+	v := netguard.Redirect(ep, via[len(via)-1].URL, req.URL, c.allow)
 	if !v.Allow {
 		return &netguard.DeniedError{Target: req.URL.Redacted(), Reason: v.Reason}
 	}
@@ -440,7 +483,7 @@ func (c *Client) addChallenge(ctx context.Context, a docker.Authorizer, ep *url.
 			if err != nil {
 				return fmt.Errorf("bad token realm: %w", err)
 			}
-			v := netguard.Realm(ep, realm, c.opts.AllowAddr)
+			v := netguard.Realm(ep, realm, c.allow)
 			if !v.Allow {
 				return &netguard.DeniedError{Target: "token realm " + realm.Redacted(), Reason: v.Reason}
 			}

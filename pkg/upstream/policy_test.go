@@ -318,18 +318,30 @@ func TestTokenRealms(t *testing.T) {
 		allowed   bool // the realm may be used at all
 		wantCreds bool // it receives the endpoint's password
 		user      string
+		trusted   func(ts *hostile) []string // Options.TrustedHosts
 	}{
-		{"http on another loopback port", false, func(ts *hostile) string { return ts.URL + "/token" }, false, false, "alice"},
-		{"http on another port, even were it public", false, func(ts *hostile) string { return ts.URL + "/token" }, false, false, "alice"},
-		{"https at a name resolving to loopback", true, func(ts *hostile) string { return "https://localhost:" + ts.port() + "/token" }, false, false, "alice"},
-		{"https, public, with credentials (Docker Hub)", true, func(ts *hostile) string { return ts.URL + "/token" }, true, true, "alice"},
-		{"https, public, anonymous", true, func(ts *hostile) string { return ts.URL + "/token" }, true, false, ""},
+		{"http on another loopback port", false, func(ts *hostile) string { return ts.URL + "/token" }, false, false, "alice", nil},
+		{"http on another port, even were it public", false, func(ts *hostile) string { return ts.URL + "/token" }, false, false, "alice", nil},
+		{"https at a name resolving to loopback", true, func(ts *hostile) string { return "https://localhost:" + ts.port() + "/token" }, false, false, "alice", nil},
+		{"https, public, with credentials (Docker Hub)", true, func(ts *hostile) string { return ts.URL + "/token" }, true, true, "alice", nil},
+		{"https, public, anonymous", true, func(ts *hostile) string { return ts.URL + "/token" }, true, false, "", nil},
+		// An on-premises token server on a private host, trusted by the operator.
+		{"https at a name resolving to loopback, trusted", true, func(ts *hostile) string { return "https://localhost:" + ts.port() + "/token" }, true, true, "alice",
+			func(ts *hostile) []string { return []string{"localhost:" + ts.port()} }},
+		{"https at a loopback address, trusted", true, func(ts *hostile) string { return ts.URL + "/token" }, true, true, "alice",
+			func(ts *hostile) []string { return []string{"127.0.0.1:" + ts.port()} }},
+		{"https at a trusted name on another port", true, func(ts *hostile) string { return "https://localhost:" + ts.port() + "/token" }, false, false, "alice",
+			func(ts *hostile) []string { return []string{"localhost"} }},
+		{"http at a trusted host", false, func(ts *hostile) string { return ts.URL + "/token" }, false, false, "alice",
+			func(ts *hostile) []string { return []string{"127.0.0.1:" + ts.port()} }},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ts := tokenServer(t, tc.tls)
 			reg := registryWithRealm(t, func() string { return tc.realm(ts) })
 			opts := Options{}
-			if tc.allowed || strings.Contains(tc.name, "were it public") {
+			if tc.trusted != nil {
+				opts.TrustedHosts = tc.trusted(ts)
+			} else if tc.allowed || strings.Contains(tc.name, "were it public") {
 				opts.AllowAddr = allowOnly(ts)
 			}
 			pass := ""
@@ -339,6 +351,10 @@ func TestTokenRealms(t *testing.T) {
 			c := newClient(t, []string{reg.URL}, tc.user, pass, opts)
 			if tc.tls {
 				trustTestCA(t, c, ts)
+				if strings.Contains(tc.realm(ts), "//localhost:") {
+					// httptest's certificate names example.com, not localhost.
+					c.http.Transport.(*http.Transport).TLSClientConfig.ServerName = "example.com"
+				}
 			}
 			body, err := do(t, c, http.MethodGet, "manifests/latest")
 			if tc.allowed {
@@ -567,7 +583,7 @@ func TestProxyIsTrusted(t *testing.T) {
 	tr := NewTransport()
 	tr.Proxy = func(*http.Request) (*url.URL, error) { return proxyURL, nil }
 	ep, _ := url.Parse("https://registry.example")
-	guard(tr, []*url.URL{ep}, nil)
+	guard(tr, []*url.URL{ep}, nil, nil)
 	defer tr.CloseIdleConnections()
 	resp, err := (&http.Client{Transport: tr}).Get("http://registry.example/v2/")
 	if err != nil {
@@ -580,8 +596,49 @@ func TestProxyIsTrusted(t *testing.T) {
 	// Without a proxy, the same loopback address is refused.
 	tr = NewTransport()
 	tr.Proxy = nil
-	guard(tr, []*url.URL{ep}, nil)
+	guard(tr, []*url.URL{ep}, nil, nil)
 	if _, err := (&http.Client{Transport: tr}).Get(proxy.URL); !errors.Is(err, netguard.ErrDenied) {
 		t.Fatalf("err = %v, want a refusal", err)
+	}
+}
+
+// A redirect to a host the operator trusts (on-premises storage on a private address)
+// is followed over https, without the endpoint's credentials; other hosts stay refused.
+func TestRedirectToTrustedHost(t *testing.T) {
+	storage := newHostile(t, true, serveBlob)
+	other := newHostile(t, true, serveBlob)
+	ep := newHostile(t, false, basicThen(func(w http.ResponseWriter, r *http.Request) {
+		target := storage
+		if strings.Contains(r.URL.Path, "/tags/") {
+			target = other
+		}
+		http.Redirect(w, r, target.URL+"/blob", http.StatusTemporaryRedirect)
+	}))
+	c := newClient(t, []string{ep.URL}, "bob", "pw", Options{TrustedHosts: []string{"127.0.0.1:" + storage.port()}})
+	trustTestCA(t, c, storage) // both servers share httptest's certificate
+	if body, err := do(t, c, http.MethodGet, "blobs/sha256:"+strings.Repeat("a", 64)); err != nil || body != "blob" {
+		t.Fatalf("redirect to the trusted host: body %q, err %v", body, err)
+	}
+	if got := storage.credsSeen(); len(got) != 0 {
+		t.Fatalf("the trusted host received the endpoint's credentials: %q", got)
+	}
+	if _, err := do(t, c, http.MethodGet, "tags/list"); !errors.Is(err, netguard.ErrDenied) {
+		t.Fatalf("redirect to an untrusted private host: err = %v, want a refusal", err)
+	}
+	if n := other.accepts.Load(); n != 0 {
+		t.Fatalf("the untrusted host accepted %d connections", n)
+	}
+}
+
+func TestTrustedHostsChecked(t *testing.T) {
+	for _, h := range []string{"", "https://gitlab.corp", "gitlab.corp/jwt", "gitlab.corp:", "user@gitlab.corp", "gitlab.corp?x", "gitlab.corp:0", "gitlab.corp:99999"} {
+		if _, err := New("example.io", []string{"https://example.io"}, "", "", Options{TrustedHosts: []string{h}}); err == nil {
+			t.Errorf("trusted host %q accepted", h)
+		}
+	}
+	for _, h := range []string{"gitlab.corp", "gitlab.corp:8443", "10.0.0.7", "[fd00::7]:443"} {
+		if _, err := New("example.io", []string{"https://example.io"}, "", "", Options{TrustedHosts: []string{h}}); err != nil {
+			t.Errorf("trusted host %q: %v", h, err)
+		}
 	}
 }

@@ -18,6 +18,10 @@ import (
 	"syscall"
 )
 
+// nonPublic says why a non-public address is refused, and what an operator whose own
+// host it is can do.
+const nonPublic = "non-public address; if the host is yours, list it in the registry's trusted_hosts"
+
 // ErrDenied is matched (errors.Is) by every refusal of this package.
 var ErrDenied = errors.New("refused by the upstream address policy")
 
@@ -93,7 +97,7 @@ func reach(endpoint, from, to *url.URL, allow func(netip.AddrPort) bool) Verdict
 	if addr, err := netip.ParseAddr(to.Hostname()); err == nil && hp != HostPort(endpoint) {
 		ap := netip.AddrPortFrom(addr, port(hp))
 		if !Public(addr) && (allow == nil || !allow(ap)) {
-			return deny("non-public address")
+			return deny(nonPublic)
 		}
 	}
 	return Verdict{Allow: true}
@@ -204,7 +208,7 @@ func NewDialer(base *net.Dialer, trusted []string, allow func(netip.AddrPort) bo
 		if Public(ap.Addr()) || allow != nil && allow(ap) {
 			return nil
 		}
-		return &DeniedError{Target: address, Reason: "non-public address"}
+		return &DeniedError{Target: address, Reason: nonPublic}
 	}
 	d.guarded = &g
 	for _, hp := range trusted {
