@@ -5,6 +5,8 @@ import (
 
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/node-mirror/node-mirror/internal/platformpick"
 )
 
 // eagerJob is one piece of an image to fetch before the engine asks for it.
@@ -34,16 +36,7 @@ func (m *Mirror) eagerFrom(rt route, mf *manifest) {
 	}
 	var jobs []eagerJob
 	if len(doc.Manifests) > 0 {
-		var best *ocispec.Descriptor
-		for i, c := range doc.Manifests {
-			if c.Platform == nil || !m.platform.Match(*c.Platform) {
-				continue
-			}
-			if best == nil || m.platform.Less(*c.Platform, *best.Platform) {
-				best = &doc.Manifests[i]
-			}
-		}
-		if best != nil {
+		if best, ok := platformpick.Best(m.platform, doc.Manifests); ok {
 			jobs = append(jobs, eagerJob{dgst: best.Digest, manifest: true})
 		}
 	}

@@ -24,6 +24,7 @@ import (
 
 	"github.com/node-mirror/node-mirror/internal/cachehdr"
 	"github.com/node-mirror/node-mirror/internal/humanize"
+	"github.com/node-mirror/node-mirror/internal/platformpick"
 )
 
 var manifestAccept = strings.Join([]string{
@@ -207,21 +208,11 @@ func (p *prefetcher) walk(ctx context.Context, image, reg, repo, ref string, dep
 	if doc.Manifests != nil {
 		children := doc.Manifests
 		if p.match != nil {
-			// An engine pulls the one image that suits it best, not every image its
-			// platform could run (Only(linux/arm64) also matches linux/arm/v7).
-			var best *ocispec.Descriptor
-			for i, c := range doc.Manifests {
-				if c.Platform == nil || !p.match.Match(*c.Platform) {
-					continue
-				}
-				if best == nil || p.match.Less(*c.Platform, *best.Platform) {
-					best = &doc.Manifests[i]
-				}
-			}
-			if best == nil {
+			best, ok := platformpick.Best(p.match, doc.Manifests)
+			if !ok {
 				return nil, fmt.Errorf("no image for platform %s", p.opts.Platform)
 			}
-			children = []ocispec.Descriptor{*best}
+			children = []ocispec.Descriptor{best}
 		}
 		for _, c := range children {
 			bs, err := p.walk(ctx, image, reg, repo, c.Digest.String(), depth+1)
