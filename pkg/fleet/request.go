@@ -4,13 +4,14 @@ import (
 	_ "crypto/sha512" // digest.Parse accepts only algorithms linked in (sha256 is, through auth.go)
 	"fmt"
 	"mime"
-	"net"
 	"net/url"
 	"regexp"
 	"strconv"
 	"strings"
 
 	"github.com/opencontainers/go-digest"
+
+	"github.com/node-mirror/node-mirror/internal/regname"
 )
 
 // ChunkRequest names a byte range of a blob and where the blob comes from.
@@ -156,53 +157,11 @@ func validRepo(repo string) error {
 	return nil
 }
 
-// validRegistry accepts host[:port] where host is a DNS name, an IPv4 address or a
-// bracketed IPv6 address. Whether the registry is configured is the source's business.
+// validRegistry is the rule every registry name of the mirror's configuration meets
+// (regname): a member asks only for configured registries. Whether this one is
+// configured is the source's business.
 func validRegistry(reg string) error {
-	if reg == "" || len(reg) > 255 {
-		return fmt.Errorf("registry name length %d out of range", len(reg))
-	}
-	host := reg
-	if strings.HasPrefix(reg, "[") || strings.Count(reg, ":") == 1 {
-		h, port, err := net.SplitHostPort(reg)
-		if err != nil {
-			return fmt.Errorf("invalid registry %q", reg)
-		}
-		if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 || strconv.Itoa(n) != port {
-			return fmt.Errorf("invalid registry port")
-		}
-		if strings.HasPrefix(reg, "[") {
-			if ip := net.ParseIP(h); ip == nil || ip.To4() != nil || strings.Contains(h, "%") {
-				return fmt.Errorf("invalid registry address")
-			}
-			return nil
-		}
-		host = h
-	}
-	if !validHostname(host) {
-		return fmt.Errorf("invalid registry host")
-	}
-	return nil
-}
-
-// validHostname: dot-separated labels of letters, digits and inner hyphens, 1-63 bytes
-// each (IPv4 literals pass as such labels).
-func validHostname(h string) bool {
-	if h == "" || len(h) > 253 {
-		return false
-	}
-	for l := range strings.SplitSeq(h, ".") {
-		if l == "" || len(l) > 63 || l[0] == '-' || l[len(l)-1] == '-' {
-			return false
-		}
-		for i := 0; i < len(l); i++ {
-			c := l[i]
-			if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '-') {
-				return false
-			}
-		}
-	}
-	return true
+	return regname.Check(reg)
 }
 
 // parseChunkRequest reads a request from the path (after blobsPath) and the raw query.
