@@ -1,13 +1,15 @@
 // Package regname checks registry names as image references spell them (host[:port]),
 // for everything that takes one from outside: install's --registries, where a name
 // becomes a directory (<hosts dir>/<registry>/hosts.toml), and the daemon's config, where
-// it becomes a route, a key in the index and a default endpoint URL.
+// it becomes a route, a key in the index and a default endpoint URL. CheckRepo does the
+// same for the repository names that clients and peers send.
 package regname
 
 import (
 	"errors"
 	"fmt"
 	"net"
+	"regexp"
 	"strconv"
 	"strings"
 )
@@ -111,6 +113,26 @@ func checkHostname(host string) error {
 	if strings.Trim(labels[len(labels)-1], "0123456789") == "" {
 		if ip := net.ParseIP(host); ip == nil || ip.To4() == nil || ip.String() != host {
 			return errors.New("not a valid IPv4 address")
+		}
+	}
+	return nil
+}
+
+// MaxRepoLen bounds a whole repository name.
+const MaxRepoLen = 255
+
+// Repository path components per the distribution spec's name grammar.
+var componentRe = regexp.MustCompile(`^[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*$`)
+
+// CheckRepo accepts a repository name ("library/nginx"): slash-separated components of
+// the distribution spec's grammar, MaxRepoLen bytes at most.
+func CheckRepo(repo string) error {
+	if repo == "" || len(repo) > MaxRepoLen {
+		return fmt.Errorf("repository name length %d out of range [1, %d]", len(repo), MaxRepoLen)
+	}
+	for c := range strings.SplitSeq(repo, "/") {
+		if !componentRe.MatchString(c) {
+			return errors.New("invalid repository name")
 		}
 	}
 	return nil

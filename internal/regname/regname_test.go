@@ -92,3 +92,33 @@ func TestCheck(t *testing.T) {
 		}
 	}
 }
+
+func TestCheckRepo(t *testing.T) {
+	for _, tc := range []struct {
+		repo string
+		ok   bool
+	}{
+		{"library/nginx", true},
+		{"a", true},
+		{"team/sub-group/app.v2", true},
+		{"a__b/c_d/e--f", true},
+		{strings.Repeat("a", 255), true},
+		{strings.Repeat("a", 256), false},
+		{"", false},
+		{"Library/nginx", false},
+		{"a//b", false},
+		{"/a", false},
+		{"a/", false},
+		{"../etc", false},
+		{"a/./b", false},
+		{"a___b", false},
+		{"-a", false},
+		{"a.", false},
+		{"a b", false},
+		{"a%2Fb", false},
+	} {
+		if err := CheckRepo(tc.repo); (err == nil) != tc.ok {
+			t.Errorf("CheckRepo(%q) = %v, want ok %v", tc.repo, err, tc.ok)
+		}
+	}
+}

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"mime"
 	"net/url"
-	"regexp"
 	"strconv"
 	"strings"
 
@@ -103,11 +102,6 @@ func parseMediaType(s string) (string, error) {
 	return mt, nil
 }
 
-// Repository path components per the distribution spec's name grammar.
-var componentRe = regexp.MustCompile(`^[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*$`)
-
-const maxRepoLen = 255
-
 // validate checks every field against what a member could legitimately ask, so that the
 // source never sees a request that no member would send.
 func (r ChunkRequest) validate(maxChunk int64) error {
@@ -145,17 +139,7 @@ func validDigest(d digest.Digest) error {
 	return nil
 }
 
-func validRepo(repo string) error {
-	if repo == "" || len(repo) > maxRepoLen {
-		return fmt.Errorf("repository name length %d out of range", len(repo))
-	}
-	for c := range strings.SplitSeq(repo, "/") {
-		if !componentRe.MatchString(c) {
-			return fmt.Errorf("invalid repository name")
-		}
-	}
-	return nil
-}
+func validRepo(repo string) error { return regname.CheckRepo(repo) }
 
 // validRegistry is the rule every registry name of the mirror's configuration meets
 // (regname): a member asks only for configured registries. Whether this one is

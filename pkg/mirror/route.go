@@ -9,6 +9,7 @@ import (
 
 	"github.com/opencontainers/go-digest"
 
+	"github.com/node-mirror/node-mirror/internal/regname"
 	"github.com/node-mirror/node-mirror/pkg/upstream"
 )
 
@@ -42,13 +43,7 @@ type route struct {
 	policy *policy
 }
 
-// Repository path components per the distribution spec; the whole name is bounded too.
-var (
-	componentRe = regexp.MustCompile(`^[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*$`)
-	tagRe       = regexp.MustCompile(`^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$`)
-)
-
-const maxNameLen = 255
+var tagRe = regexp.MustCompile(`^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$`)
 
 // parseRoute resolves a /v2/<name>/<kind>/<ref> request. isRegistry says whether a host
 // is configured; def is the registry for requests that name none ("" for none).
@@ -101,16 +96,11 @@ func parseRoute(r *http.Request, isRegistry func(string) bool, def string) (rout
 	default:
 		return route{}, errNameUnknown
 	}
-	for _, s := range nameSegs {
-		if !componentRe.MatchString(s) {
-			return route{}, errNameInvalid
-		}
-	}
 	rt.repo = strings.Join(nameSegs, "/")
 	if rt.registry == "docker.io" && len(nameSegs) == 1 {
 		rt.repo = "library/" + rt.repo
 	}
-	if len(rt.repo) > maxNameLen {
+	if regname.CheckRepo(rt.repo) != nil {
 		return route{}, errNameInvalid
 	}
 

@@ -7,6 +7,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/node-mirror/node-mirror/internal/regname"
 	"github.com/node-mirror/node-mirror/internal/wire"
 )
 
@@ -72,10 +73,8 @@ func FuzzParseRoute(f *testing.F) {
 		if !configured(rt.registry) {
 			t.Fatalf("%q routed to unconfigured %q", target, rt.registry)
 		}
-		for _, c := range strings.Split(rt.repo, "/") {
-			if !componentRe.MatchString(c) {
-				t.Fatalf("%q: repository component %q", target, c)
-			}
+		if err := regname.CheckRepo(rt.repo); err != nil {
+			t.Fatalf("%q: repository %q: %v", target, rt.repo, err)
 		}
 		if (rt.kind == kindBlobs || rt.kind == kindReferrers) && rt.digest.Validate() != nil {
 			t.Fatalf("%q: invalid digest passed", target)
