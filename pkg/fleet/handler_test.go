@@ -247,12 +247,7 @@ func TestPeerAPIAuthentication(t *testing.T) {
 	// may take seconds to reach the last case, and the window is checked to the second.
 	now := time.Now
 
-	tests := []struct {
-		name string
-		// build returns the request to send, from a correctly signed GET of target.
-		build func() *http.Request
-		ok    bool
-	}{
+	tests := []authCase{
 		{"valid", func() *http.Request { return signed(t, base, "GET", target, testKey, "node-a", now()) }, true},
 		{"valid, 20s old", func() *http.Request {
 			return signed(t, base, "GET", target, testKey, "node-a", now().Add(-20*time.Second))
@@ -371,36 +366,7 @@ func TestPeerAPIAuthentication(t *testing.T) {
 			return r
 		}, false},
 	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			before := src.callCount()
-			r := tt.build()
-			resp, body, err := do(t, r)
-			if tt.ok {
-				if resp.StatusCode != http.StatusOK || err != nil {
-					t.Fatalf("status %d, err %v, body %q; want 200", resp.StatusCode, err, body)
-				}
-				if want := blob[1000:6000]; r.Method == "GET" && !bytes.Equal(body, want) {
-					t.Fatalf("got %d bytes, want the %d of the range", len(body), len(want))
-				}
-				return
-			}
-			if resp.StatusCode != http.StatusUnauthorized {
-				t.Fatalf("status %d, body %q; want 401", resp.StatusCode, body)
-			}
-			if r.Method != "HEAD" {
-				if code := errorCode(t, body); code != "UNAUTHORIZED" {
-					t.Fatalf("code %s, want UNAUTHORIZED", code)
-				}
-				if bytes.Contains(body, []byte("expired")) || bytes.Contains(body, []byte("signature")) {
-					t.Fatalf("a refusal says why: %q", body)
-				}
-			}
-			if n := src.callCount(); n != before {
-				t.Fatalf("the source was called for an unauthenticated request")
-			}
-		})
-	}
+	checkAuth(t, src, tests, blob[1000:6000])
 }
 
 func TestPeerAPIValidation(t *testing.T) {
@@ -409,26 +375,9 @@ func TestPeerAPIValidation(t *testing.T) {
 	base, _ := peerServer(t, src)
 	good := chunkReq(blob, 0, 100)
 	d := good.Digest.String()
-	q := func(kv ...string) string {
-		// Default parameters, overridden by kv pairs; "" values are removed.
-		m := map[string]string{"registry": "docker.io", "repo": "library/nginx", "size": "10000",
-			"offset": "0", "length": "100", "hop": "0"}
-		for i := 0; i < len(kv); i += 2 {
-			m[kv[i]] = kv[i+1]
-		}
-		var parts []string
-		for _, k := range []string{"registry", "repo", "size", "offset", "length", "hop"} {
-			if v, ok := m[k]; ok && v != "" {
-				parts = append(parts, k+"="+v)
-			}
-		}
-		return strings.Join(parts, "&")
-	}
-	tests := []struct {
-		name, method, target string
-		status               int
-		code                 string
-	}{
+	q := queryWith([]string{"registry", "docker.io", "repo", "library/nginx", "size", "10000",
+		"offset", "0", "length", "100", "hop", "0"})
+	tests := []validationCase{
 		{"ok", "GET", blobsPath + d + "?" + q(), 200, ""},
 		{"ok head", "HEAD", blobsPath + d + "?" + q(), 200, ""},
 		{"ok hop 1", "GET", blobsPath + d + "?" + q("hop", "1"), 200, ""},
@@ -473,28 +422,7 @@ func TestPeerAPIValidation(t *testing.T) {
 		{"repo empty component", "GET", blobsPath + d + "?" + q("repo", "library%2F%2Fnginx"), 400, "BAD_REQUEST"},
 		{"repo too long", "GET", blobsPath + d + "?" + q("repo", strings.Repeat("a", 256)), 400, "BAD_REQUEST"},
 	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			before := src.callCount()
-			resp, body, _ := do(t, signed(t, base, tt.method, tt.target, testKey, "node-a", time.Now()))
-			if resp.StatusCode != tt.status {
-				t.Fatalf("status %d, body %q; want %d", resp.StatusCode, body, tt.status)
-			}
-			if tt.code != "" && tt.method != "HEAD" {
-				if code := errorCode(t, body); code != tt.code {
-					t.Fatalf("code %s, want %s", code, tt.code)
-				}
-			}
-			called := src.callCount() != before
-			if tt.status == 400 || tt.status == 405 || tt.code == "NOT_FOUND" {
-				if called {
-					t.Fatal("the source was called for an invalid request")
-				}
-			} else if !called {
-				t.Fatal("the source was not called for a valid request")
-			}
-		})
-	}
+	checkValidation(t, base, src, tests)
 }
 
 func TestPeerAPIStreamsExactlyTheRange(t *testing.T) {
@@ -579,11 +507,7 @@ func TestPeerAPIManifestAuthentication(t *testing.T) {
 			return r
 		}
 	}
-	tests := []struct {
-		name  string
-		build func() *http.Request
-		ok    bool
-	}{
+	tests := []authCase{
 		{"valid", tamper(func(*http.Request) {}), true},
 		{"valid head", func() *http.Request { return signed(t, base, "HEAD", target, testKey, "node-a", now()) }, true},
 		{"no headers", func() *http.Request {
@@ -624,57 +548,15 @@ func TestPeerAPIManifestAuthentication(t *testing.T) {
 			return r
 		}, false},
 	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			before := src.callCount()
-			r := tt.build()
-			resp, body, err := do(t, r)
-			if tt.ok {
-				if resp.StatusCode != http.StatusOK || err != nil {
-					t.Fatalf("status %d, err %v, body %q; want 200", resp.StatusCode, err, body)
-				}
-				if r.Method == "GET" && !bytes.Equal(body, src.manifests[d].body) {
-					t.Fatalf("got %d bytes, not the manifest", len(body))
-				}
-				return
-			}
-			if resp.StatusCode != http.StatusUnauthorized {
-				t.Fatalf("status %d, body %q; want 401", resp.StatusCode, body)
-			}
-			if r.Method != "HEAD" {
-				if code := errorCode(t, body); code != "UNAUTHORIZED" {
-					t.Fatalf("code %s, want UNAUTHORIZED", code)
-				}
-			}
-			if n := src.callCount(); n != before {
-				t.Fatalf("the source was called for an unauthenticated request")
-			}
-		})
-	}
+	checkAuth(t, src, tests, src.manifests[d].body)
 }
 
 func TestPeerAPIManifestValidation(t *testing.T) {
 	src := newBlobSource()
 	d := src.addManifest(testManifestBody(500), ociManifest).String()
 	base, _ := peerServer(t, src)
-	q := func(kv ...string) string {
-		m := map[string]string{"registry": "docker.io", "repo": "library/nginx", "hop": "0"}
-		for i := 0; i < len(kv); i += 2 {
-			m[kv[i]] = kv[i+1]
-		}
-		var parts []string
-		for _, k := range []string{"registry", "repo", "hop"} {
-			if v, ok := m[k]; ok && v != "" {
-				parts = append(parts, k+"="+v)
-			}
-		}
-		return strings.Join(parts, "&")
-	}
-	tests := []struct {
-		name, method, target string
-		status               int
-		code                 string
-	}{
+	q := queryWith([]string{"registry", "docker.io", "repo", "library/nginx", "hop", "0"})
+	tests := []validationCase{
 		{"ok", "GET", manifestsPath + d + "?" + q(), 200, ""},
 		{"ok head", "HEAD", manifestsPath + d + "?" + q(), 200, ""},
 		{"ok hop 1", "GET", manifestsPath + d + "?" + q("hop", "1"), 200, ""},
@@ -710,28 +592,7 @@ func TestPeerAPIManifestValidation(t *testing.T) {
 		{"repo with a tag", "GET", manifestsPath + d + "?" + q("repo", "library/nginx:latest"), 400, "BAD_REQUEST"},
 		{"repo too long", "GET", manifestsPath + d + "?" + q("repo", strings.Repeat("a", 256)), 400, "BAD_REQUEST"},
 	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			before := src.callCount()
-			resp, body, _ := do(t, signed(t, base, tt.method, tt.target, testKey, "node-a", time.Now()))
-			if resp.StatusCode != tt.status {
-				t.Fatalf("status %d, body %q; want %d", resp.StatusCode, body, tt.status)
-			}
-			if tt.code != "" && tt.method != "HEAD" {
-				if code := errorCode(t, body); code != tt.code {
-					t.Fatalf("code %s, want %s", code, tt.code)
-				}
-			}
-			called := src.callCount() != before
-			if tt.status == 400 || tt.status == 405 || tt.code == "NOT_FOUND" {
-				if called {
-					t.Fatal("the source was called for an invalid request")
-				}
-			} else if !called {
-				t.Fatal("the source was not called for a valid request")
-			}
-		})
-	}
+	checkValidation(t, base, src, tests)
 }
 
 func TestPeerAPIServesManifests(t *testing.T) {
@@ -837,4 +698,105 @@ func countedOut(sent *sync.Map, peer string, want int64) int64 {
 		}
 	}
 	return got
+}
+
+// authCase is a request to the peer API, built at the moment it is sent, that must be
+// served (ok) or refused as unauthenticated.
+type authCase struct {
+	name string
+	// build returns the request to send, from a correctly signed GET of the target.
+	build func() *http.Request
+	ok    bool
+}
+
+// checkAuth sends each case: a served GET answers want; a refused one gets 401
+// UNAUTHORIZED that does not say why, and src is never called.
+func checkAuth(t *testing.T, src *blobSource, tests []authCase, want []byte) {
+	t.Helper()
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			before := src.callCount()
+			r := tt.build()
+			resp, body, err := do(t, r)
+			if tt.ok {
+				if resp.StatusCode != http.StatusOK || err != nil {
+					t.Fatalf("status %d, err %v, body %q; want 200", resp.StatusCode, err, body)
+				}
+				if r.Method == "GET" && !bytes.Equal(body, want) {
+					t.Fatalf("got %d bytes, not the %d asked for", len(body), len(want))
+				}
+				return
+			}
+			if resp.StatusCode != http.StatusUnauthorized {
+				t.Fatalf("status %d, body %q; want 401", resp.StatusCode, body)
+			}
+			if r.Method != "HEAD" {
+				if code := errorCode(t, body); code != "UNAUTHORIZED" {
+					t.Fatalf("code %s, want UNAUTHORIZED", code)
+				}
+				if bytes.Contains(body, []byte("expired")) || bytes.Contains(body, []byte("signature")) {
+					t.Fatalf("a refusal says why: %q", body)
+				}
+			}
+			if n := src.callCount(); n != before {
+				t.Fatalf("the source was called for an unauthenticated request")
+			}
+		})
+	}
+}
+
+// validationCase is a signed request and the status (and error code) it must get.
+type validationCase struct {
+	name, method, target string
+	status               int
+	code                 string
+}
+
+// checkValidation sends each case signed: src is called for the valid ones and never for
+// a request refused as invalid.
+func checkValidation(t *testing.T, base string, src *blobSource, tests []validationCase) {
+	t.Helper()
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			before := src.callCount()
+			resp, body, _ := do(t, signed(t, base, tt.method, tt.target, testKey, "node-a", time.Now()))
+			if resp.StatusCode != tt.status {
+				t.Fatalf("status %d, body %q; want %d", resp.StatusCode, body, tt.status)
+			}
+			if tt.code != "" && tt.method != "HEAD" {
+				if code := errorCode(t, body); code != tt.code {
+					t.Fatalf("code %s, want %s", code, tt.code)
+				}
+			}
+			called := src.callCount() != before
+			if tt.status == 400 || tt.status == 405 || tt.code == "NOT_FOUND" {
+				if called {
+					t.Fatal("the source was called for an invalid request")
+				}
+			} else if !called {
+				t.Fatal("the source was not called for a valid request")
+			}
+		})
+	}
+}
+
+// queryWith returns a builder of peer queries: the parameters of defaults (name, value
+// pairs, in order), overridden by its kv pairs; a "" value leaves the parameter out.
+func queryWith(defaults []string) func(kv ...string) string {
+	return func(kv ...string) string {
+		m := map[string]string{}
+		for i := 0; i < len(defaults); i += 2 {
+			m[defaults[i]] = defaults[i+1]
+		}
+		for i := 0; i < len(kv); i += 2 {
+			m[kv[i]] = kv[i+1]
+		}
+		var parts []string
+		for i := 0; i < len(defaults); i += 2 {
+			if v := m[defaults[i]]; v != "" {
+				parts = append(parts, defaults[i]+"="+v)
+			}
+		}
+		return strings.Join(parts, "&")
+	}
 }
