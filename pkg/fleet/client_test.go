@@ -204,24 +204,11 @@ func TestFetchFromMisbehavingPeers(t *testing.T) {
 			} else if !tt.atFetch {
 				t.Fatalf("Fetch: %v; want the body to fail", err)
 			}
-			elapsed := time.Since(start)
-			t.Logf("failed after %v: %v", elapsed.Round(time.Millisecond), err)
-			if elapsed > quickly {
-				t.Errorf("took %v; the timeouts are %v, %v, %v", elapsed, testDial, testHeader, testIdle)
+			status := tt.status
+			if status == 0 {
+				status = anyStatus
 			}
-			fe, ok := errors.AsType[*FetchError](err)
-			if !ok {
-				t.Fatalf("error %T %v is not a *FetchError", err, err)
-			}
-			if fe.Reason != tt.reason || FallbackReason(err) != tt.reason || fe.Peer != "fake" {
-				t.Errorf("reason %q, peer %q; want %q, fake", fe.Reason, fe.Peer, tt.reason)
-			}
-			if tt.status != 0 && fe.Status != tt.status {
-				t.Errorf("status %d, want %d", fe.Status, tt.status)
-			}
-			if tt.sentinel != nil && !errors.Is(err, tt.sentinel) {
-				t.Errorf("errors.Is(%v, %v) is false", err, tt.sentinel)
-			}
+			checkFetchError(t, err, time.Since(start), tt.reason, status, tt.sentinel)
 			skipped := !slices.Contains(names(n.Owners(req.Digest, 0)), "fake")
 			if skipped != tt.soft {
 				t.Errorf("skipped by Owners: %v, want %v", skipped, tt.soft)
@@ -495,23 +482,7 @@ func TestFetchManifestFromMisbehavingPeers(t *testing.T) {
 			if got != nil || mt != "" {
 				t.Fatalf("a failure returned %d bytes and media type %q", len(got), mt)
 			}
-			t.Logf("failed after %v: %v", elapsed.Round(time.Millisecond), err)
-			if elapsed > quickly {
-				t.Errorf("took %v; the timeouts are %v, %v, %v", elapsed, testDial, testHeader, testIdle)
-			}
-			fe, ok := errors.AsType[*FetchError](err)
-			if !ok {
-				t.Fatalf("error %T %v is not a *FetchError", err, err)
-			}
-			if fe.Reason != tt.reason || FallbackReason(err) != tt.reason || fe.Peer != "fake" {
-				t.Errorf("reason %q, peer %q; want %q, fake", fe.Reason, fe.Peer, tt.reason)
-			}
-			if fe.Status != tt.status {
-				t.Errorf("status %d, want %d", fe.Status, tt.status)
-			}
-			if tt.sentinel != nil && !errors.Is(err, tt.sentinel) {
-				t.Errorf("errors.Is(%v, %v) is false", err, tt.sentinel)
-			}
+			checkFetchError(t, err, elapsed, tt.reason, tt.status, tt.sentinel)
 			if in > bound || (tt.readNone && in != 0) {
 				t.Errorf("read %d bytes of the body (bound %d, read none: %v)", in, bound, tt.readNone)
 			}
@@ -584,5 +555,31 @@ func TestFetchManifestRefusesInvalidRequests(t *testing.T) {
 	}
 	if asked.Load() != 0 {
 		t.Fatalf("the peer was asked %d times for invalid requests", asked.Load())
+	}
+}
+
+// anyStatus, as checkFetchError's status, accepts whatever status the error carries.
+const anyStatus = -1
+
+// checkFetchError checks a failure to fetch from the fake member: within quickly, a
+// *FetchError naming it with reason, status (unless anyStatus) and, when not nil, sentinel.
+func checkFetchError(t *testing.T, err error, elapsed time.Duration, reason string, status int, sentinel error) {
+	t.Helper()
+	t.Logf("failed after %v: %v", elapsed.Round(time.Millisecond), err)
+	if elapsed > quickly {
+		t.Errorf("took %v; the timeouts are %v, %v, %v", elapsed, testDial, testHeader, testIdle)
+	}
+	fe, ok := errors.AsType[*FetchError](err)
+	if !ok {
+		t.Fatalf("error %T %v is not a *FetchError", err, err)
+	}
+	if fe.Reason != reason || FallbackReason(err) != reason || fe.Peer != "fake" {
+		t.Errorf("reason %q, peer %q; want %q, fake", fe.Reason, fe.Peer, reason)
+	}
+	if status != anyStatus && fe.Status != status {
+		t.Errorf("status %d, want %d", fe.Status, status)
+	}
+	if sentinel != nil && !errors.Is(err, sentinel) {
+		t.Errorf("errors.Is(%v, %v) is false", err, sentinel)
 	}
 }
