@@ -90,8 +90,9 @@ type BlobServer struct {
 	// PerConnRate, when set, limits each response to about this many bytes a second.
 	PerConnRate atomic.Int64
 
+	sent atomic.Int64
+
 	mu       sync.Mutex
-	sent     int64
 	requests []string // the Range header of each blob GET, "" for none
 	active   int
 	peak     int
@@ -108,7 +109,7 @@ func NewBlobServer(blobs ...*SyntheticBlob) *BlobServer {
 
 // Sent is the body bytes sent so far; Requests the Range of each blob GET; Peak the most
 // responses at once.
-func (s *BlobServer) Sent() int64 { s.mu.Lock(); defer s.mu.Unlock(); return s.sent }
+func (s *BlobServer) Sent() int64 { return s.sent.Load() }
 
 // Requests returns the Range header of each blob GET so far.
 func (s *BlobServer) Requests() []string {
@@ -145,39 +146,5 @@ func (s *BlobServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}()
 	w.Header().Set("Docker-Content-Digest", b.Digest.String())
 	w.Header().Set("Content-Type", "application/octet-stream")
-	http.ServeContent(&countingWriter{ResponseWriter: w, s: s, rate: s.PerConnRate.Load()}, r, "", time.Time{}, io.NewSectionReader(b, 0, b.Size))
-}
-
-type countingWriter struct {
-	http.ResponseWriter
-	s     *BlobServer
-	rate  int64
-	start time.Time
-	n     int64
-}
-
-func (c *countingWriter) Write(p []byte) (int, error) {
-	if c.start.IsZero() {
-		c.start = time.Now()
-	}
-	written := 0
-	for len(p) > 0 {
-		part := p[:min(len(p), 64<<10)]
-		n, err := c.ResponseWriter.Write(part)
-		written += n
-		c.n += int64(n)
-		c.s.mu.Lock()
-		c.s.sent += int64(n)
-		c.s.mu.Unlock()
-		if err != nil {
-			return written, err
-		}
-		p = p[n:]
-		if c.rate > 0 {
-			if ahead := time.Duration(float64(c.n)/float64(c.rate)*float64(time.Second)) - time.Since(c.start); ahead > 0 {
-				time.Sleep(ahead)
-			}
-		}
-	}
-	return written, nil
+	http.ServeContent(&PacedWriter{ResponseWriter: w, Rate: s.PerConnRate.Load(), Sent: &s.sent}, r, "", time.Time{}, io.NewSectionReader(b, 0, b.Size))
 }

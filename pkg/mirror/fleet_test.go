@@ -126,39 +126,10 @@ func (u *upstreamBytes) wrap(up *testenv.Upstream) {
 		if !strings.Contains(r.URL.Path, "/blobs/") || r.Method != http.MethodGet {
 			return false
 		}
-		inner.ServeHTTP(&throttled{ResponseWriter: w, n: &u.n, rate: u.rate, start: time.Now()}, r)
+		inner.ServeHTTP(&testenv.PacedWriter{ResponseWriter: w, Rate: u.rate, Sent: &u.n}, r)
 		return true
 	})
 }
-
-type throttled struct {
-	http.ResponseWriter
-	n     *atomic.Int64
-	rate  int64
-	start time.Time
-	sent  int64
-}
-
-func (t *throttled) Write(p []byte) (int, error) {
-	written := 0
-	for len(p) > 0 {
-		part := p[:min(len(p), 32<<10)]
-		n, err := t.ResponseWriter.Write(part)
-		written += n
-		t.sent += int64(n)
-		t.n.Add(int64(n))
-		if err != nil {
-			return written, err
-		}
-		p = p[n:]
-		if ahead := time.Duration(float64(t.sent)/float64(t.rate)*float64(time.Second)) - time.Since(t.start); ahead > 0 {
-			time.Sleep(ahead)
-		}
-	}
-	return written, nil
-}
-
-func (t *throttled) Flush() { http.NewResponseController(t.ResponseWriter).Flush() }
 
 func fleetKey(t *testing.T) []byte {
 	k := make([]byte, 32)

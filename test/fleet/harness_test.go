@@ -45,38 +45,8 @@ func (m *meter) wrap(next http.Handler) http.Handler {
 			return
 		}
 		m.gets.Add(1)
-		next.ServeHTTP(&throttled{ResponseWriter: w, m: m, rate: m.rate.Load(), start: time.Now()}, r)
+		next.ServeHTTP(&testenv.PacedWriter{ResponseWriter: w, Rate: m.rate.Load(), Sent: &m.sent}, r)
 	})
-}
-
-// throttled embeds only http.ResponseWriter's methods, so http.ServeContent cannot bypass
-// Write through io.ReaderFrom.
-type throttled struct {
-	http.ResponseWriter
-	m     *meter
-	rate  int64
-	start time.Time
-	n     int64
-}
-
-func (t *throttled) Write(p []byte) (int, error) {
-	written := 0
-	for len(p) > 0 {
-		n, err := t.ResponseWriter.Write(p[:min(len(p), 32<<10)])
-		written += n
-		t.n += int64(n)
-		t.m.sent.Add(int64(n))
-		if err != nil {
-			return written, err
-		}
-		p = p[n:]
-		if t.rate > 0 {
-			if ahead := time.Duration(float64(t.n)/float64(t.rate)*float64(time.Second)) - time.Since(t.start); ahead > 0 {
-				time.Sleep(ahead)
-			}
-		}
-	}
-	return written, nil
 }
 
 // cluster is a fleet of node-mirror processes on loopback sharing one test upstream and
