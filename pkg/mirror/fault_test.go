@@ -3,19 +3,16 @@ package mirror
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"fmt"
 	"io"
 	"net/http"
-	"os"
-	"path/filepath"
 	"testing"
 	"time"
 
 	"github.com/opencontainers/go-digest"
 
 	"github.com/node-mirror/node-mirror/internal/fault"
+	"github.com/node-mirror/node-mirror/internal/testenv"
 )
 
 // fetch GETs path and reports the status, the body read, and whether the body ended
@@ -39,21 +36,7 @@ func fetch(t *testing.T, url string) (status int, body []byte, clean bool) {
 func assertStoreIntact(t *testing.T, tm *testMirror) {
 	t.Helper()
 	waitNoDownloads(t, tm)
-	root := filepath.Join(tm.store.Path(), "blobs", "sha256")
-	entries, err := os.ReadDir(root)
-	if err != nil && !os.IsNotExist(err) {
-		t.Fatal(err)
-	}
-	for _, e := range entries {
-		b, err := os.ReadFile(filepath.Join(root, e.Name()))
-		if err != nil {
-			t.Fatal(err)
-		}
-		sum := sha256.Sum256(b)
-		if hex.EncodeToString(sum[:]) != e.Name() {
-			t.Fatalf("blob %s does not hash to its name", e.Name())
-		}
-	}
+	testenv.StoredBlobs(t, tm.store.Path())
 	if sts, _ := tm.store.Content().ListStatuses(context.Background()); len(sts) != 0 {
 		t.Fatalf("ingests left behind: %v", sts)
 	}

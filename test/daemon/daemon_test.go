@@ -6,8 +6,6 @@ import (
 	"bufio"
 	"bytes"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -49,23 +47,7 @@ func pull(addr, repo string) error {
 // every index entry (tags, blob metadata) names a blob that is there.
 func checkDataDir(t *testing.T, dataDir string) (blobs int) {
 	t.Helper()
-	root := filepath.Join(dataDir, "content", "blobs", "sha256")
-	entries, err := os.ReadDir(root)
-	if err != nil && !os.IsNotExist(err) {
-		t.Fatal(err)
-	}
-	have := map[string]bool{}
-	for _, e := range entries {
-		b, err := os.ReadFile(filepath.Join(root, e.Name()))
-		if err != nil {
-			t.Fatal(err)
-		}
-		sum := sha256.Sum256(b)
-		if hex.EncodeToString(sum[:]) != e.Name() {
-			t.Fatalf("blob %s does not hash to its name", e.Name())
-		}
-		have["sha256:"+e.Name()] = true
-	}
+	have := testenv.StoredBlobs(t, filepath.Join(dataDir, "content"))
 	db, err := bolt.Open(filepath.Join(dataDir, "index.db"), 0o600, &bolt.Options{ReadOnly: true, Timeout: 5 * time.Second})
 	if err != nil {
 		t.Fatal(err)
@@ -99,7 +81,7 @@ func checkDataDir(t *testing.T, dataDir string) (blobs int) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return len(entries)
+	return len(have)
 }
 
 // TestCrashMidDownloadThenRestart kills the daemon with SIGKILL while many downloads are

@@ -1,10 +1,7 @@
 package e2e
 
 import (
-	"crypto/sha256"
-	"encoding/hex"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"slices"
@@ -138,23 +135,5 @@ func requireStored(t *testing.T, m *testenv.Mirror, want []v1.Hash) {
 			time.Sleep(50 * time.Millisecond)
 		}
 	}
-	entries, err := os.ReadDir(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, e := range entries {
-		f, err := os.Open(filepath.Join(dir, e.Name()))
-		if err != nil {
-			t.Fatal(err)
-		}
-		h := sha256.New()
-		_, err = io.Copy(h, f)
-		f.Close()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if got := hex.EncodeToString(h.Sum(nil)); got != e.Name() {
-			t.Errorf("the mirror's blob %s hashes to %s", e.Name(), got)
-		}
-	}
+	testenv.StoredBlobs(t, filepath.Join(m.DataDir, "content"))
 }

@@ -10,6 +10,7 @@ package fleet
 import (
 	"context"
 	"fmt"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -208,7 +209,7 @@ func TestFleetProcesses(t *testing.T) {
 	// Every data dir, the killed member's included, holds only blobs that hash to their
 	// names: a crash leaves at most an ingest.
 	for _, n := range nodes {
-		checkStore(t, n.name, n.m.DataDir)
+		testenv.StoredBlobs(t, filepath.Join(n.m.DataDir, "content"))
 	}
 	c.stopAll()
 	t.Logf("wall time %v", time.Since(start).Round(time.Second))
@@ -240,7 +241,7 @@ func pullAll(t *testing.T, nodes []*node, img testenv.Image) {
 func waitStored(t *testing.T, n *node, img testenv.Image) {
 	t.Helper()
 	waitFor(t, n.name+" stores "+img.Tag, func() (bool, string) {
-		have := checkStore(t, n.name, n.m.DataDir)
+		have := testenv.StoredBlobs(t, filepath.Join(n.m.DataDir, "content"))
 		for _, d := range img.Digests() {
 			if !have[d.String()] {
 				return false, d.String() + " is missing"

@@ -4,12 +4,10 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
-	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
-	"io/fs"
 	"net/http"
 	"os"
 	"os/exec"
@@ -356,35 +354,4 @@ func blobBytes(t *testing.T, img testenv.Image) int64 {
 		n += s
 	}
 	return n
-}
-
-// checkStore fails the test for every file in the data dir's blob store that does not
-// hash to its name, and returns the digests stored.
-func checkStore(t *testing.T, name, dataDir string) map[string]bool {
-	t.Helper()
-	root := filepath.Join(dataDir, "content", "blobs", "sha256")
-	have := map[string]bool{}
-	err := filepath.WalkDir(root, func(path string, d fs.DirEntry, err error) error {
-		if err != nil || d.IsDir() {
-			return err
-		}
-		f, err := os.Open(path)
-		if err != nil {
-			return err
-		}
-		defer f.Close()
-		h := sha256.New()
-		if _, err := io.Copy(h, f); err != nil {
-			return err
-		}
-		if got := hex.EncodeToString(h.Sum(nil)); got != d.Name() {
-			t.Errorf("%s: %s holds bytes that hash to sha256:%s", name, path, got)
-		}
-		have["sha256:"+d.Name()] = true
-		return nil
-	})
-	if err != nil && !os.IsNotExist(err) {
-		t.Errorf("%s: reading %s: %v", name, root, err)
-	}
-	return have
 }
