@@ -64,9 +64,12 @@ func fakePeer(t *testing.T, serve func(c net.Conn, req *http.Request)) string {
 }
 
 const (
-	testDial   = 200 * time.Millisecond
-	testHeader = 300 * time.Millisecond
-	testIdle   = 300 * time.Millisecond
+	// No case waits on a dial (a closed port refuses at once), but a loopback dial of a
+	// -race test beside CPU hogs has taken over 500 ms: a short dial timeout made a
+	// refusing peer look down.
+	testDial   = 2 * time.Second
+	testHeader = 600 * time.Millisecond
+	testIdle   = 600 * time.Millisecond
 	// quickly is how long a failure may take beyond its timeout on a loaded machine. It
 	// stays below the defaults (3 s, 5 s): a fetch that waited for those did not honour
 	// its configuration.
