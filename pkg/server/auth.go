@@ -230,7 +230,7 @@ func readLines(path string) ([]line, error) {
 // takes TLS and client authentication, or the operator's explicit insecure choice. The
 // side listeners (metrics, pprof) follow the same rule: flag names the one checked.
 func CheckExposure(flag, listen string, tls, auth, insecure bool) error {
-	_, loopback, err := loopbackListen(listen)
+	loopback, err := loopbackListen(listen)
 	if err != nil {
 		return fmt.Errorf("--%s %q: %w", flag, listen, err)
 	}
@@ -244,7 +244,7 @@ func CheckExposure(flag, listen string, tls, auth, insecure bool) error {
 // CheckDebugExposure: pprof shows memory, goroutine stacks and the command line, and
 // nothing in it is worth a network path; beyond loopback only by explicit choice.
 func CheckDebugExposure(listen string, insecure bool) error {
-	_, loopback, err := loopbackListen(listen)
+	loopback, err := loopbackListen(listen)
 	if err != nil {
 		return fmt.Errorf("--debug-listen %q: %w", listen, err)
 	}

@@ -351,6 +351,8 @@ func TestCheckExposure(t *testing.T) {
 			// A name other than localhost can resolve anywhere, now or later.
 			{"mirror.example:5000", false, false, false, false},
 			{"127.0.0.1.nip.io:5000", false, false, false, false},
+			// Browsers pin *.localhost to loopback; Go's resolver does not.
+			{"mirror.localhost:5000", false, false, false, false},
 		} {
 			err := CheckExposure(flag, tc.listen, tc.tls, tc.auth, tc.insecure)
 			if (err == nil) != tc.ok {
@@ -379,6 +381,7 @@ func TestCheckDebugExposure(t *testing.T) {
 		{"10.1.2.3:6060", false, false},
 		{"0.0.0.0:6060", true, true},
 		{"nonsense", true, false},
+		{"mirror.localhost:6060", false, false},
 	} {
 		if err := CheckDebugExposure(tc.listen, tc.insecure); (err == nil) != tc.ok {
 			t.Errorf("%+v: err = %v", tc, err)
