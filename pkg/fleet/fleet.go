@@ -13,6 +13,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"slices"
 	"strconv"
@@ -24,6 +25,8 @@ import (
 	"github.com/hashicorp/memberlist"
 	"github.com/opencontainers/go-digest"
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/node-mirror/node-mirror/internal/regname"
 )
 
 // State is a member's membership state as this node sees it.
@@ -218,17 +221,11 @@ func (c *Config) normalize() error {
 	if len(c.Key) != KeySize {
 		return fmt.Errorf("fleet: key is %d bytes, want %d", len(c.Key), KeySize)
 	}
-	host, port, err := net.SplitHostPort(c.PeerAdvertise)
-	if err != nil || host == "" {
-		return fmt.Errorf("fleet: peer advertise address %q: want host:port", c.PeerAdvertise)
+	if err := validPeerAddr(c.PeerAdvertise); err != nil {
+		return fmt.Errorf("fleet: peer advertise address: %w", err)
 	}
-	if ip := net.ParseIP(host); ip != nil && ip.IsUnspecified() {
-		return fmt.Errorf("fleet: peer advertise address %q: the others cannot dial an unspecified address", c.PeerAdvertise)
-	}
-	if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 {
-		return fmt.Errorf("fleet: peer advertise address %q: bad port", c.PeerAdvertise)
-	}
-	if host, _, err = net.SplitHostPort(c.GossipListen); err != nil {
+	host, _, err := net.SplitHostPort(c.GossipListen)
+	if err != nil {
 		return fmt.Errorf("fleet: gossip listen address %q: want ip:port", c.GossipListen)
 	}
 	if host != "" && net.ParseIP(host) == nil {
@@ -751,10 +748,8 @@ func (f *Fleet) update(n *memberlist.Node, gone bool) {
 	}
 	peerAddr := ""
 	if metaErr == nil {
-		if _, _, err := net.SplitHostPort(meta.Peer); err == nil {
+		if metaErr = validPeerAddr(meta.Peer); metaErr == nil {
 			peerAddr = meta.Peer
-		} else {
-			metaErr = fmt.Errorf("peer address %q", meta.Peer)
 		}
 	}
 	state := StateAlive
@@ -838,4 +833,29 @@ func (f *Fleet) fetchOK(name string) {
 		p.success()
 	}
 	f.mu.Unlock()
+}
+
+// validPeerAddr accepts a peer API address as members advertise it: host:port, the host a
+// DNS name or an IP address that can be dialled. A member's metadata is its own word, and
+// requests signed with the fleet key go to this address: nothing in it may reach past the
+// host and port into the URL (a path, a query, user info).
+func validPeerAddr(addr string) error {
+	bad := func(why string) error { return fmt.Errorf("%q: %s", addr, why) }
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return bad("want host:port")
+	}
+	if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 || strconv.Itoa(n) != port {
+		return bad("bad port")
+	}
+	if ip, err := netip.ParseAddr(host); err == nil {
+		if ip.Zone() != "" || ip.IsUnspecified() || ip.IsMulticast() {
+			return bad("not an address the others can dial")
+		}
+		return nil
+	}
+	if regname.Check(host) != nil {
+		return bad("want a lower-case DNS name or an IP address")
+	}
+	return nil
 }

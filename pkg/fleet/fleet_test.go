@@ -2,6 +2,7 @@ package fleet
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -14,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hashicorp/memberlist"
 	"github.com/opencontainers/go-digest"
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/goleak"
@@ -499,4 +501,55 @@ func TestMembersLeavingAtOnce(t *testing.T) {
 		buf := make([]byte, 1<<20)
 		return !strings.Contains(string(buf[:runtime.Stack(buf, true)]), "memberlist.(*Memberlist).probeNode")
 	})
+}
+
+func TestValidPeerAddr(t *testing.T) {
+	for _, tc := range []struct {
+		addr string
+		ok   bool
+	}{
+		{"127.0.0.1:7000", true},
+		{"[::1]:7000", true},
+		{"10.0.0.7:7000", true},
+		{"node-1.cluster.example:7000", true},
+		{"", false},
+		{"10.0.0.7", false},
+		{":7000", false},
+		{"0.0.0.0:7000", false},
+		{"[::]:7000", false},
+		{"224.0.0.1:7000", false},
+		{"[fe80::1%eth0]:7000", false},
+		{"10.0.0.7:0", false},
+		{"10.0.0.7:07000", false},
+		{"10.0.0.7:65536", false},
+		{"Node-1.example:7000", false},
+		// Whatever reaches past host:port into the URL of a signed request.
+		{"h/p?:80", false},
+		{"x/y#:1", false},
+		{"user@h:80", false},
+		{"h%2Fx:80", false},
+		{"h p:80", false},
+	} {
+		if err := validPeerAddr(tc.addr); (err == nil) != tc.ok {
+			t.Errorf("validPeerAddr(%q) = %v, want ok %v", tc.addr, err, tc.ok)
+		}
+	}
+}
+
+// A member whose metadata names a peer address that is not one is listed, but never
+// asked for anything: signed requests go nowhere it chose beyond a host and a port.
+func TestMetadataPeerAddrChecked(t *testing.T) {
+	n := startNode(t, "node-a", nil)
+	for _, peer := range []string{"10.0.0.7:80/admin?x=", "169.254.169.254:80#", "u@10.0.0.7:80"} {
+		meta, _ := json.Marshal(nodeMeta{V: metaV1, Peer: peer})
+		n.update(&memberlist.Node{Name: "evil", Addr: net.IPv4(127, 0, 0, 1), Port: 1, Meta: meta}, false)
+		for _, m := range n.Members() {
+			if m.Name == "evil" && m.PeerAddr != "" {
+				t.Fatalf("metadata peer %q taken as peer address %q", peer, m.PeerAddr)
+			}
+		}
+		if slices.Contains(names(n.Owners(digest.FromString("x"), 0)), "evil") {
+			t.Fatalf("a member without a usable peer address (%q) is an owner", peer)
+		}
+	}
 }
