@@ -69,6 +69,9 @@ type Daemon struct {
 	sides  []side
 	fleet  *fleet.Fleet // nil unless fleet mode is configured
 	peerLn net.Listener
+	// wroteReady: the ready file is this process's to remove. A daemon that never got
+	// that far (another one holds the port) must not remove the running one's.
+	wroteReady bool
 
 	mu  sync.Mutex    // serialises reloads
 	cfg config.Config // the configuration applied last
@@ -197,7 +200,9 @@ func (d *Daemon) startFleet(cfg config.Config, reg prometheus.Registerer) error 
 	d.fleet, err = fleet.Start(context.Background(), fleet.Config{
 		NodeName: fc.NodeName, GossipListen: fc.GossipListen, PeerAdvertise: adv, Join: fc.Join, Key: key,
 		Logger: d.log, Registerer: reg, MaxManifestSize: cfg.Cache.MaxManifestSize,
-		PeerTLS: fleet.PeerTLS{Cert: fc.PeerTLSCert, Key: fc.PeerTLSKey, CA: fc.PeerTLSCA},
+		// What a member may ask is what fetch_chunk_size may be: the two bounds are one.
+		MaxChunkSize: config.MaxFetchChunkSize,
+		PeerTLS:      fleet.PeerTLS{Cert: fc.PeerTLSCert, Key: fc.PeerTLSKey, CA: fc.PeerTLSCA},
 	})
 	if err != nil {
 		return fmt.Errorf("joining the fleet: %w", err)
@@ -220,7 +225,9 @@ func (d *Daemon) Run(ctx context.Context, reload <-chan os.Signal) error {
 		stopBG()
 		bgWork.Wait()
 	}()
-	errc := make(chan error, 1+len(d.sides))
+	// Room for every server's error (main, peer API, side listeners): one that fails
+	// after Run returned must not block forever.
+	errc := make(chan error, 2+len(d.sides))
 	serve := func(name string, s interface {
 		Serve(net.Listener) error
 		ServeTLS(net.Listener, string, string) error
@@ -362,7 +369,7 @@ func (d *Daemon) close() {
 	if d.store != nil {
 		d.store.Close()
 	}
-	if d.opts.ReadyFile != "" {
+	if d.wroteReady {
 		os.Remove(d.opts.ReadyFile)
 	}
 }
@@ -388,6 +395,7 @@ func (d *Daemon) writeReadyFile() error {
 		os.Remove(tmp.Name())
 		return fmt.Errorf("--ready-file: %w", err)
 	}
+	d.wroteReady = true
 	return nil
 }
 

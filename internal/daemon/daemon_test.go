@@ -257,7 +257,12 @@ func TestNewCleansUpWhenASideListenerFails(t *testing.T) {
 	}
 	defer taken.Close()
 	cfg := testConfig(t, "http://127.0.0.1:1")
-	_, err = New(Options{Load: (&loader{cfg: cfg}).load, MetricsListen: taken.Addr().String(), Logger: quiet()})
+	// The ready file of a daemon already running: this one, failing, must leave it.
+	ready := filepath.Join(t.TempDir(), "ready")
+	if err := os.WriteFile(ready, []byte("127.0.0.1:5000\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	_, err = New(Options{Load: (&loader{cfg: cfg}).load, MetricsListen: taken.Addr().String(), ReadyFile: ready, Logger: quiet()})
 	if err == nil || !strings.Contains(err.Error(), "--metrics-listen") {
 		t.Fatalf("binding a taken port: %v", err)
 	}
@@ -266,6 +271,9 @@ func TestNewCleansUpWhenASideListenerFails(t *testing.T) {
 		t.Fatalf("the data dir stayed locked: %v", err)
 	}
 	s.Close()
+	if _, err := os.Stat(ready); err != nil {
+		t.Fatalf("a daemon that failed to start removed another's ready file: %v", err)
+	}
 }
 
 // TestEagerFetchFromConfig: the config's number reaches the mirror as it is; 0 is off.
