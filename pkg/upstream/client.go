@@ -24,6 +24,7 @@ import (
 	"github.com/containerd/containerd/v2/core/remotes/docker"
 	"github.com/containerd/containerd/v2/core/remotes/docker/auth"
 
+	"github.com/node-mirror/node-mirror/internal/regname"
 	"github.com/node-mirror/node-mirror/pkg/upstream/netguard"
 )
 
@@ -257,28 +258,21 @@ func New(name string, endpoints []string, username, password string, opts Option
 }
 
 // parseTrustedHosts returns the host:ports of hosts (port 443 when absent), and those
-// that are IP addresses as such.
+// that are IP addresses as such. Each is host[:port] by the rule of registry names.
 func parseTrustedHosts(hosts []string) ([]string, map[netip.AddrPort]bool, error) {
 	var hps []string
 	addrs := map[netip.AddrPort]bool{}
 	for _, h := range hosts {
-		u, err := url.Parse("https://" + h)
-		if err != nil || u.Host != h || u.Hostname() == "" || u.Path != "" || u.RawQuery != "" || u.Fragment != "" ||
-			strings.HasSuffix(h, ":") || u.Port() != "" && !validPort(u.Port()) {
-			return nil, nil, fmt.Errorf("trusted host %q is not host[:port]", h)
+		if err := regname.Check(h); err != nil {
+			return nil, nil, fmt.Errorf("trusted host: %w", err)
 		}
-		hp := netguard.HostPort(u)
+		hp := netguard.HostPort(&url.URL{Scheme: "https", Host: h})
 		hps = append(hps, hp)
 		if ap, err := netip.ParseAddrPort(hp); err == nil {
 			addrs[netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())] = true
 		}
 	}
 	return hps, addrs, nil
-}
-
-func validPort(p string) bool {
-	n, err := strconv.ParseUint(p, 10, 16)
-	return err == nil && n > 0
 }
 
 // APIHost is where a registry's API lives: registry-1.docker.io for docker.io, the

@@ -631,7 +631,8 @@ func TestRedirectToTrustedHost(t *testing.T) {
 }
 
 func TestTrustedHostsChecked(t *testing.T) {
-	for _, h := range []string{"", "https://gitlab.corp", "gitlab.corp/jwt", "gitlab.corp:", "user@gitlab.corp", "gitlab.corp?x", "gitlab.corp:0", "gitlab.corp:99999"} {
+	for _, h := range []string{"", "https://gitlab.corp", "gitlab.corp/jwt", "gitlab.corp:", "user@gitlab.corp", "gitlab.corp?x", "gitlab.corp:0", "gitlab.corp:99999",
+		"fd00::7", "GitLab.corp", "gitlab.corp.", "gitlab..corp", "gitlab_corp", "10.0.0.07"} {
 		if _, err := New("example.io", []string{"https://example.io"}, "", "", Options{TrustedHosts: []string{h}}); err == nil {
 			t.Errorf("trusted host %q accepted", h)
 		}
