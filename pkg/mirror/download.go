@@ -218,6 +218,7 @@ func (m *Mirror) fetchBlobFleet(ctx context.Context, d *download, rt route, size
 	if err != nil {
 		in.Abort()
 		in.Close()
+		m.forgetSize(d.dgst) // a manifest may have named a size far beyond the blob's
 		return start(fmt.Errorf("%w: %w", errNoRoom, err))
 	}
 	d.res = res
@@ -234,11 +235,20 @@ func (m *Mirror) fetchBlobFleet(ctx context.Context, d *download, rt route, size
 	err = m.commit(ctx, d, rt, m.fetchFleet(ctx, d, rt))
 	switch {
 	case err == nil:
-		m.chunks.drop(d.dgst, chunks) // the store serves members from now on
+		m.chunks.drop(d.dgst, size, chunks) // the store serves members from now on
 	case errors.Is(err, errContentMismatch) && m.suspectPeers(d):
 		err = fmt.Errorf("%w: %w", errPeersWrong, err)
+	case errors.Is(err, errContentMismatch):
+		// Upstream's bytes were wrong: serve them to no member, whose refetch would then
+		// blame this node for them.
+		m.chunks.drop(d.dgst, size, chunks)
+	case errors.Is(err, errBadRange):
+		// Upstream's size is not the one a manifest named (any manifest of any registry
+		// may name a digest): the next try asks upstream.
+		m.forgetSize(d.dgst)
+		m.chunks.drop(d.dgst, size, chunks)
 	default:
-		m.chunks.expire(d.dgst, chunks) // what arrived still serves members for a while
+		m.chunks.expire(d.dgst, size, chunks) // what arrived still serves members for a while
 	}
 	return err
 }

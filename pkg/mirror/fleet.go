@@ -35,8 +35,12 @@ import (
 // stays to serve the members that ask next.
 const chunkTTL = 2 * time.Minute
 
+// chunkKey names a chunk by its blob's digest and size: a member's request states the
+// size, and a wrong one must not shape the chunks this node's own download of the blob
+// uses (their bounds come from it).
 type chunkKey struct {
 	dgst  digest.Digest
+	size  int64
 	index int64
 }
 
@@ -58,7 +62,7 @@ type chunkTable struct {
 func (t *chunkTable) chunk(dgst digest.Digest, index, size, chunkSize int64, create bool) (*chunk, *tableEntry) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	k := chunkKey{dgst, index}
+	k := chunkKey{dgst, size, index}
 	if e := t.entries[k]; e != nil {
 		e.c.acquire()
 		return e.c, e
@@ -74,14 +78,15 @@ func (t *chunkTable) chunk(dgst digest.Digest, index, size, chunkSize int64, cre
 	return c, e
 }
 
-// drop removes dgst's chunks from the table (its blob is stored, or their bytes are suspect).
-func (t *chunkTable) drop(dgst digest.Digest, n int64) {
+// drop removes the n chunks of the blob dgst of size bytes from the table (it is stored,
+// or their bytes are suspect).
+func (t *chunkTable) drop(dgst digest.Digest, size, n int64) {
 	t.mu.Lock()
 	var gone []*tableEntry
 	for i := range n {
-		if e := t.entries[chunkKey{dgst, i}]; e != nil {
+		if e := t.entries[chunkKey{dgst, size, i}]; e != nil {
 			gone = append(gone, e)
-			delete(t.entries, chunkKey{dgst, i})
+			delete(t.entries, chunkKey{dgst, size, i})
 		}
 	}
 	t.mu.Unlock()
@@ -91,11 +96,11 @@ func (t *chunkTable) drop(dgst digest.Digest, n int64) {
 }
 
 // expire lets go of dgst's chunks after chunkTTL, for members still assembling the blob.
-func (t *chunkTable) expire(dgst digest.Digest, n int64) {
+func (t *chunkTable) expire(dgst digest.Digest, size, n int64) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	for i := range n {
-		if e := t.entries[chunkKey{dgst, i}]; e != nil && e.expires.IsZero() {
+		if e := t.entries[chunkKey{dgst, size, i}]; e != nil && e.expires.IsZero() {
 			e.expires = time.Now().Add(chunkTTL)
 		}
 	}
@@ -328,6 +333,13 @@ func (m *Mirror) noteSizes(body []byte, mediaType string) {
 	}
 }
 
+// forgetSize drops dgst's size: it proved wrong, or may have.
+func (m *Mirror) forgetSize(dgst digest.Digest) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	delete(m.sizes, dgst)
+}
+
 func (m *Mirror) knownSize(dgst digest.Digest) (int64, bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -371,7 +383,7 @@ func (m *Mirror) suspectPeers(d *download) bool {
 	if len(kept) == 0 {
 		return false
 	}
-	m.chunks.drop(d.dgst, (d.size+m.opts.FetchChunkSize-1)/m.opts.FetchChunkSize)
+	m.chunks.drop(d.dgst, d.size, (d.size+m.opts.FetchChunkSize-1)/m.opts.FetchChunkSize)
 	m.mu.Lock()
 	if len(m.suspects) >= 256 {
 		for dg, s := range m.suspects {

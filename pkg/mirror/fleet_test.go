@@ -395,3 +395,53 @@ func TestPreviousOwnerDoesNotWaitOnAClaimedChunk(t *testing.T) {
 		t.Fatalf("hop-1 request: %v, want not found", err)
 	}
 }
+
+// A member's request states a blob's size, and a wrong one must not shape the chunks of
+// this node's own download of the blob: here it would end the blob one byte into chunk 1.
+func TestFleetMemberSizeDoesNotShapeOwnDownload(t *testing.T) {
+	up := newUpstream(t)
+	img := randomImage(t, 3*testChunk, 1)
+	up.Push("library/app", "v1", img)
+	m := startMember(t, "n0", up, fleetKey(t), nil, nil)
+	layers, _ := img.Layers()
+	ld, _ := layers[0].Digest()
+	rc, err := m.OpenChunk(context.Background(), fleet.ChunkRequest{
+		Registry: "docker.io", Repo: "library/app", Digest: digest.Digest(ld.String()),
+		Size: testChunk + 1, Offset: testChunk, Length: 1,
+	})
+	if err == nil {
+		b, err := io.ReadAll(rc)
+		rc.Close()
+		if err == nil {
+			t.Fatalf("a chunk of a blob of the wrong size was served whole: %d bytes", len(b))
+		}
+	}
+	m.pull(t, "library/app:v1") // validates every blob
+	assertStoreIntact(t, m.testMirror)
+}
+
+// Any manifest of any registry may name a digest with a size that is not the blob's. A
+// fleet download sized by it fails, and the next request asks upstream for the size.
+func TestFleetWrongSizeFromAManifest(t *testing.T) {
+	up := newUpstream(t)
+	img := randomImage(t, 3*testChunk, 1)
+	up.Push("library/app", "v1", img)
+	m := startMember(t, "n0", up, fleetKey(t), nil, nil)
+	layers, _ := img.Layers()
+	ld, _ := layers[0].Digest()
+	ls, _ := layers[0].Size()
+	m.noteSizes(fmt.Appendf(nil, `{"schemaVersion":2,"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":%q,"size":%d}]}`, ld, ls-1000), "")
+	url := m.srv.URL + "/v2/library/app/blobs/" + ld.String()
+	status, body, clean := fetch(t, url)
+	if status == http.StatusOK && clean && digest.FromBytes(body).String() != ld.String() {
+		t.Fatalf("a complete response of %d wrong bytes", len(body))
+	}
+	if status != http.StatusOK || !clean {
+		t.Logf("the request sized by the manifest failed (%d, clean %v); asking again", status, clean)
+		status, body, clean = fetch(t, url)
+	}
+	if status != http.StatusOK || !clean || digest.FromBytes(body).String() != ld.String() {
+		t.Fatalf("the blob after a wrong size: status %d, clean %v, %d bytes (want %d)", status, clean, len(body), ls)
+	}
+	assertStoreIntact(t, m.testMirror)
+}
