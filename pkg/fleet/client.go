@@ -172,7 +172,18 @@ type peerBody struct {
 	timedOut  atomic.Bool
 	remaining int64
 	err       error
+	// waited is how long Reads have waited for the peer, got what they received: a peer
+	// that keeps the idle timer from firing with a byte now and then is still too slow.
+	waited time.Duration
+	got    int64
 }
+
+// minPeerRate is the slowest a peer may deliver, averaged over the time Reads wait for it
+// once they have waited the idle timeout: far below a LAN, and below any upstream a test
+// or a real owner relays from (an owner streams a chunk as its own download brings it), but
+// enough that a member trickling bytes cannot hold a chunk, and the pull behind it, for
+// good.
+const minPeerRate = 64 << 10
 
 func (b *peerBody) Read(p []byte) (int, error) {
 	if b.err != nil {
@@ -185,8 +196,15 @@ func (b *peerBody) Read(p []byte) (int, error) {
 		p = p[:b.remaining]
 	}
 	b.timer.Reset(b.idle)
+	began := time.Now()
 	n, err := b.body.Read(p)
 	b.timer.Stop()
+	b.waited += time.Since(began)
+	b.got += int64(n)
+	slow := err == nil && b.waited > b.idle && float64(b.got) < minPeerRate*b.waited.Seconds()
+	if slow {
+		err = fmt.Errorf("%d bytes in %v, below %d bytes a second", b.got, b.waited.Round(time.Millisecond), minPeerRate)
+	}
 	if n > 0 {
 		b.remaining -= int64(n)
 		b.f.metrics.bytesIn.Add(float64(n))
@@ -204,6 +222,10 @@ func (b *peerBody) Read(p []byte) (int, error) {
 	}
 	fe := &FetchError{Peer: b.name, Reason: FallbackError, Status: http.StatusOK, Err: err}
 	switch {
+	case slow:
+		fe.Reason = FallbackTimeout
+		b.cancel()
+		b.f.softFailure(b.name)
 	case b.timedOut.Load():
 		fe.Reason, fe.Err = FallbackTimeout, fmt.Errorf("no bytes for %v: %w", b.idle, err)
 		b.f.softFailure(b.name)

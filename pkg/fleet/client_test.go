@@ -125,6 +125,17 @@ func TestFetchFromMisbehavingPeers(t *testing.T) {
 				c.Write(blob[:length-1])
 			})
 		}, reason: FallbackTimeout, soft: true},
+		{name: "trickles a byte at a time, never idle for long", addr: func(t *testing.T) string {
+			return fakePeer(t, func(c net.Conn, _ *http.Request) {
+				io.WriteString(c, head(length))
+				for i := range length { // until the client gives up and the write fails
+					if _, err := c.Write(blob[i : i+1]); err != nil {
+						return
+					}
+					time.Sleep(testIdle / 3)
+				}
+			})
+		}, reason: FallbackTimeout, soft: true},
 		{name: "short body, then closes", addr: func(t *testing.T) string {
 			return fakePeer(t, func(c net.Conn, _ *http.Request) {
 				io.WriteString(c, head(length))
