@@ -66,7 +66,8 @@
 // Fetch is the client for chunks: it signs, dials the member's PeerAddr
 // (Config.DialTimeout, 500 ms), waits Config.HeaderTimeout (3 s) for headers, requires
 // 200 and Content-Length == length, and returns a body that fails (never ends early) when
-// the peer sends less or nothing for Config.IdleTimeout (5 s). FetchManifest is the
+// the peer sends less, nothing for Config.IdleTimeout (5 s), or, once reads have waited
+// that long in all, under 64 KiB/s on average over the waiting. FetchManifest is the
 // client for manifests, with the same timeouts: it requires 200, a Content-Length of at
 // most Config.MaxManifestSize (it never reads more) and one Content-Type that is a media
 // type, and fails when the body is shorter than declared or stalls. Neither verifies the
