@@ -280,13 +280,18 @@ func (m *Mirror) assemble(ctx context.Context, d *download, rt route, chunks []*
 		for copied < c.size() {
 			have, f, err := c.waitFor(ctx, copied)
 			if have <= copied {
-				if err == nil || ctx.Err() != nil || refilled || !c.claim() {
+				if err == nil || ctx.Err() != nil || refilled {
 					if err == nil {
 						err = context.Cause(ctx)
 					}
 					return err
 				}
 				refilled = true
+				if !c.claim() {
+					// A member's request took the fill up since, or it ended: wait on
+					// that one (once) rather than give up.
+					continue
+				}
 				if err := m.fill(ctx, rt, c, sources(c)); err != nil {
 					return err
 				}
