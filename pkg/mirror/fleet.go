@@ -497,9 +497,7 @@ func (m *Mirror) manifestFromFleet(ctx context.Context, rt route, dgst digest.Di
 		m.peerFallback(&fleet.FetchError{Peer: who.Name, Reason: fleet.FallbackFault})
 		return nil, fmt.Errorf("manifest %s from member %s: got %s: %w", dgst, who.Name, got, errContentMismatch)
 	}
-	// The digest covers the body, not the media type the member named: take the body's
-	// own word where it has one.
-	return m.storeManifest(ctx, rt, dgst, body, mediaTypeOf(mt, body)), nil
+	return m.storeManifest(ctx, rt, dgst, body, memberMediaType(mt, body)), nil
 }
 
 // OpenManifest serves a member's request for a manifest by digest (fleet.ManifestSource):

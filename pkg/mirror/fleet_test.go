@@ -445,3 +445,26 @@ func TestFleetWrongSizeFromAManifest(t *testing.T) {
 	}
 	assertStoreIntact(t, m.testMirror)
 }
+
+// A member names a manifest's media type beside a body its digest covers: the body's
+// own word decides, so a member cannot store an index here as an image manifest.
+func TestMemberMediaType(t *testing.T) {
+	const (
+		index    = "application/vnd.oci.image.index.v1+json"
+		manifest = "application/vnd.oci.image.manifest.v1+json"
+		docker   = "application/vnd.docker.distribution.manifest.v2+json"
+	)
+	for _, tc := range []struct {
+		name, contentType, body, want string
+	}{
+		{"index labelled a manifest", manifest, `{"schemaVersion":2,"mediaType":"` + index + `","manifests":[]}`, index},
+		{"manifest labelled an index", index, `{"schemaVersion":2,"mediaType":"` + docker + `","layers":[]}`, docker},
+		{"index without mediaType, labelled a manifest", manifest, `{"schemaVersion":2,"manifests":[]}`, index},
+		{"body says nothing: the member's word", docker, `{"schemaVersion":2,"layers":[]}`, docker},
+		{"body says nothing, the word is no manifest type", "text/plain", `{"schemaVersion":2,"layers":[]}`, manifest},
+	} {
+		if got := memberMediaType(tc.contentType, []byte(tc.body)); got != tc.want {
+			t.Errorf("%s: %q, want %q", tc.name, got, tc.want)
+		}
+	}
+}

@@ -322,6 +322,15 @@ func mediaTypeOf(contentType string, body []byte) string {
 }
 
 func sniffMediaType(body []byte) string {
+	if mt, ok := ownMediaType(body); ok {
+		return mt
+	}
+	return ocispec.MediaTypeImageManifest
+}
+
+// ownMediaType is what a manifest says it is: its mediaType field, or an index when it
+// lists manifests.
+func ownMediaType(body []byte) (string, bool) {
 	var v struct {
 		MediaType string          `json:"mediaType"`
 		Manifests json.RawMessage `json:"manifests"`
@@ -329,10 +338,20 @@ func sniffMediaType(body []byte) string {
 	if json.Unmarshal(body, &v) == nil {
 		switch {
 		case v.MediaType != "":
-			return v.MediaType
+			return v.MediaType, true
 		case v.Manifests != nil:
-			return ocispec.MediaTypeImageIndex
+			return ocispec.MediaTypeImageIndex, true
 		}
 	}
-	return ocispec.MediaTypeImageManifest
+	return "", false
+}
+
+// memberMediaType is the media type of a manifest a member sent. The digest covers the
+// body, not the Content-Type beside it: what the body says of itself decides, and the
+// member's word counts only where the body says nothing.
+func memberMediaType(contentType string, body []byte) string {
+	if mt, ok := ownMediaType(body); ok {
+		return mt
+	}
+	return mediaTypeOf(contentType, body)
 }
