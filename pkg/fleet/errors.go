@@ -1,11 +1,11 @@
 package fleet
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
-	"strconv"
+
+	"github.com/node-mirror/node-mirror/internal/wire"
 )
 
 // Errors a ChunkSource or ManifestSource returns (wrapped as it likes) to choose the status
@@ -57,34 +57,22 @@ func FallbackReason(err error) string {
 	return FallbackError
 }
 
-// wireError is one OCI error envelope entry with its status.
-type wireError struct {
-	status  int
-	code    string
-	message string
-}
-
+// The peer API's errors, in the daemon's one envelope (internal/wire).
 var (
-	errUnauthorized    = wireError{http.StatusUnauthorized, "UNAUTHORIZED", "authentication required"}
-	errNotFound        = wireError{http.StatusNotFound, "NOT_FOUND", "no such endpoint"}
-	errMethod          = wireError{http.StatusMethodNotAllowed, "UNSUPPORTED", "only GET and HEAD"}
-	errBadRequest      = wireError{http.StatusBadRequest, "BAD_REQUEST", "invalid peer request"}
-	errBlobUnknown     = wireError{http.StatusNotFound, "BLOB_UNKNOWN", "blob unknown to this member"}
-	errManifestUnknown = wireError{http.StatusNotFound, "MANIFEST_UNKNOWN", "manifest unknown to this member"}
-	errUnavailable     = wireError{http.StatusServiceUnavailable, "UNAVAILABLE", "content unavailable"}
-	errTooManyRequests = wireError{http.StatusTooManyRequests, "TOOMANYREQUESTS", "upstream registry is rate-limiting"}
+	errMethod     = wire.Unsupported.With("only GET and HEAD").WithHeader("Allow", "GET, HEAD")
+	errBadRequest = wire.Error{Status: http.StatusBadRequest, Code: "BAD_REQUEST", Message: "invalid peer request"}
 )
 
 // toWire is the one place where a source's errors become statuses; unknown is the 404
 // for the kind of content asked for.
-func toWire(err error, unknown wireError) wireError {
+func toWire(err error, unknown wire.Error) wire.Error {
 	switch {
 	case errors.Is(err, ErrNotFound):
 		return unknown
 	case errors.Is(err, ErrTooManyRequests):
-		return errTooManyRequests
+		return wire.TooManyRequests.With("upstream registry is rate-limiting")
 	default:
-		return errUnavailable
+		return wire.Unavailable.With("content unavailable")
 	}
 }
 
@@ -101,25 +89,4 @@ func fromStatus(status int) (reason string, err error) {
 		return FallbackRefused, ErrUnauthorized
 	}
 	return FallbackError, fmt.Errorf("unexpected status")
-}
-
-func writeError(w http.ResponseWriter, r *http.Request, e wireError, detail string) {
-	type entry struct {
-		Code    string `json:"code"`
-		Message string `json:"message"`
-		Detail  string `json:"detail,omitempty"`
-	}
-	b, _ := json.Marshal(struct {
-		Errors []entry `json:"errors"`
-	}{[]entry{{e.code, e.message, detail}}})
-	h := w.Header()
-	if e.status == http.StatusMethodNotAllowed {
-		h.Set("Allow", "GET, HEAD")
-	}
-	h.Set("Content-Type", "application/json")
-	h.Set("Content-Length", strconv.Itoa(len(b)))
-	w.WriteHeader(e.status)
-	if r.Method != http.MethodHead {
-		w.Write(b)
-	}
 }

@@ -11,6 +11,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/node-mirror/node-mirror/internal/wire"
 )
 
 // ChunkSource serves chunks to peers. The mirror implements it.
@@ -60,12 +62,12 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	peer, ok := h.sign.verify(r, h.now())
 	if !ok {
 		h.log.Debug("peer request refused: authentication", "remote", r.RemoteAddr)
-		writeError(w, r, errUnauthorized, "")
+		wire.Write(w, r, wire.Unauthorized)
 		return
 	}
 	// Valid requests never need escaping; an escaped byte is a confused or hostile peer.
 	if r.URL.RawPath != "" || strings.Contains(r.URL.EscapedPath(), "%") {
-		writeError(w, r, errNotFound, "")
+		wire.Write(w, r, wire.NotFound)
 		return
 	}
 	var serve func(w http.ResponseWriter, r *http.Request, peer, dgst string)
@@ -80,11 +82,11 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	if serve == nil || strings.Contains(dgst, "/") {
-		writeError(w, r, errNotFound, "")
+		wire.Write(w, r, wire.NotFound)
 		return
 	}
 	if r.Method != http.MethodGet && r.Method != http.MethodHead {
-		writeError(w, r, errMethod, "")
+		wire.Write(w, r, errMethod)
 		return
 	}
 	serve(w, r, peer, dgst)
@@ -93,7 +95,7 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 func (h *handler) serveChunk(w http.ResponseWriter, r *http.Request, peer, dgst string) {
 	req, err := parseChunkRequest(dgst, r.URL.RawQuery, h.maxChunk)
 	if err != nil {
-		writeError(w, r, errBadRequest, err.Error())
+		wire.Write(w, r, errBadRequest.With("invalid peer request: "+err.Error()))
 		return
 	}
 	rc, err := h.src.OpenChunk(r.Context(), req)
@@ -102,7 +104,7 @@ func (h *handler) serveChunk(w http.ResponseWriter, r *http.Request, peer, dgst 
 			return // the peer left; nobody to answer
 		}
 		h.log.Debug("peer chunk refused", "peer", peer, "digest", req.Digest, "offset", req.Offset, "err", err)
-		writeError(w, r, toWire(err, errBlobUnknown), "")
+		wire.Write(w, r, toWire(err, wire.BlobUnknown.With("blob unknown to this member")))
 		return
 	}
 	defer rc.Close()
@@ -138,7 +140,7 @@ func (h *handler) serveChunk(w http.ResponseWriter, r *http.Request, peer, dgst 
 func (h *handler) serveManifest(w http.ResponseWriter, r *http.Request, src ManifestSource, peer, dgst string) {
 	req, err := parseManifestRequest(dgst, r.URL.RawQuery)
 	if err != nil {
-		writeError(w, r, errBadRequest, err.Error())
+		wire.Write(w, r, errBadRequest.With("invalid peer request: "+err.Error()))
 		return
 	}
 	body, mediaType, err := src.OpenManifest(r.Context(), req)
@@ -147,7 +149,7 @@ func (h *handler) serveManifest(w http.ResponseWriter, r *http.Request, src Mani
 			return
 		}
 		h.log.Debug("peer manifest refused", "peer", peer, "digest", req.Digest, "err", err)
-		writeError(w, r, toWire(err, errManifestUnknown), "")
+		wire.Write(w, r, toWire(err, wire.ManifestUnknown.With("manifest unknown to this member")))
 		return
 	}
 	// The source is our own mirror, but what it hands over is checked against the same
@@ -158,7 +160,7 @@ func (h *handler) serveManifest(w http.ResponseWriter, r *http.Request, src Mani
 	}
 	if err != nil {
 		h.log.Warn("peer manifest not served", "peer", peer, "digest", req.Digest, "err", err)
-		writeError(w, r, errUnavailable, "")
+		wire.Write(w, r, wire.Unavailable.With("content unavailable"))
 		return
 	}
 	hd := w.Header()

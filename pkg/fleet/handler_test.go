@@ -763,6 +763,9 @@ func checkValidation(t *testing.T, base string, src *blobSource, tests []validat
 			if resp.StatusCode != tt.status {
 				t.Fatalf("status %d, body %q; want %d", resp.StatusCode, body, tt.status)
 			}
+			if tt.status == http.StatusMethodNotAllowed && resp.Header.Get("Allow") != "GET, HEAD" {
+				t.Fatalf("405 with Allow %q, want GET, HEAD", resp.Header.Get("Allow"))
+			}
 			if tt.code != "" && tt.method != "HEAD" {
 				if code := errorCode(t, body); code != tt.code {
 					t.Fatalf("code %s, want %s", code, tt.code)
