@@ -13,7 +13,7 @@ import (
 	"net/http/pprof"
 	"os"
 	"path/filepath"
-	"slices"
+	"reflect"
 	"sync"
 	"time"
 
@@ -324,9 +324,7 @@ func (d *Daemon) Reload() error {
 	if cfg.DataDir != d.cfg.DataDir {
 		restart = append(restart, "data_dir")
 	}
-	if cfg.Fleet.Enabled() != d.cfg.Fleet.Enabled() || !slices.Equal(cfg.Fleet.Join, d.cfg.Fleet.Join) ||
-		cfg.Fleet.PeerListen != d.cfg.Fleet.PeerListen || cfg.Fleet.GossipListen != d.cfg.Fleet.GossipListen ||
-		cfg.Fleet.KeyFile != d.cfg.Fleet.KeyFile || cfg.Fleet.PeerAdvertise != d.cfg.Fleet.PeerAdvertise {
+	if !reflect.DeepEqual(cfg.Fleet, d.cfg.Fleet) { // every [fleet] key, node_name and TLS files included
 		restart = append(restart, "fleet")
 	}
 	if cfg.Cache.FetchConcurrency != d.cfg.Cache.FetchConcurrency || cfg.Cache.FetchChunkSize != d.cfg.Cache.FetchChunkSize ||

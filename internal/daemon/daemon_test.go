@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -374,4 +375,41 @@ func TestSideListenersServeTLSAndNeedAuth(t *testing.T) {
 			}
 		}
 	}
+}
+
+// A reload names every key it cannot apply and keeps the running value: any [fleet] key,
+// node_name included, takes effect on restart.
+func TestReloadNamesRestartOnlyKeys(t *testing.T) {
+	var logs bytes.Buffer
+	var mu sync.Mutex
+	l := &loader{cfg: testConfig(t, "http://127.0.0.1:1")}
+	d, err := New(Options{Load: l.load, Logger: slog.New(slog.NewTextHandler(&lockedWriter{w: &logs, mu: &mu}, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.close()
+	l.set(func(c *config.Config) { c.Fleet.NodeName = "renamed" }, nil)
+	if err := d.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	out := logs.String()
+	mu.Unlock()
+	if !strings.Contains(out, "take effect on restart") || !strings.Contains(out, "keys=[fleet]") {
+		t.Fatalf("a changed fleet.node_name was not named as taking effect on restart:\n%s", out)
+	}
+	if d.cfg.Fleet.NodeName != "" {
+		t.Fatalf("the running node name became %q", d.cfg.Fleet.NodeName)
+	}
+}
+
+type lockedWriter struct {
+	w  io.Writer
+	mu *sync.Mutex
+}
+
+func (l *lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
 }
